@@ -1,0 +1,3 @@
+from rayrec.cli import main
+
+main()

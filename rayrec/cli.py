@@ -1,0 +1,201 @@
+"""The `rayrec` command line. Each command is a thin wrapper over one importable function.
+
+User mistakes (rayrec.errors.UserError) print one line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable, Optional
+
+import typer
+
+from rayrec.errors import UserError
+
+app = typer.Typer(
+    name="rayrec",
+    help="Tune sequential and graph recommenders with Ray Tune: train, sweep, analyse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USER_ERROR = 2
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a UserError into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper
+
+
+def echo(message: str = "") -> None:
+    typer.echo(message)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+
+
+def resolve_cli_config(
+    model: Optional[str],
+    config: Optional[str],
+    data: Optional[str],
+    data_format: Optional[str],
+    sets: list[str],
+    seed: Optional[int] = None,
+    epochs: Optional[int] = None,
+):
+    """One resolution path for every command: --config file, then --data/--seed/--epochs, then --set."""
+    from rayrec.config import build_config, load_yaml, parse_overrides
+
+    base = load_yaml(config) if config else {}
+    overrides: dict[str, Any] = {}
+    if data is not None:
+        overrides["data.name"] = data
+    if data_format is not None:
+        overrides["data.format"] = data_format
+    if seed is not None:
+        overrides["train.seed"] = seed
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    overrides.update(parse_overrides(sets))
+    return build_config(model, base, overrides)
+
+
+def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr@10", "coverage@10"),
+                   prefix: str = "") -> str:
+    parts = [f"{k} {metrics[prefix + k]:.4f}" for k in keys if prefix + k in metrics]
+    return "  ".join(parts)
+
+
+DATA_HELP = "Named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, beauty, gowalla, lastfm) or a path/URL."
+SET_HELP = "Override a config value, e.g. --set train.lr=0.003 --set model.hidden=128 (repeatable)."
+
+
+@app.command()
+@user_errors
+def train(
+    model: Optional[str] = typer.Argument(None, help="Model name (sasrec, bert4rec, gru4rec, lightgcn, bprmf, pop); optional with --config."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Reader for a --data path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (e.g. a sweep's best.yaml)."),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory (path or URL); default runs/<model>-<data>-<time>."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (train.seed)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (train.epochs)."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Warm-start weights from a checkpoint.pt (path or URL)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar within each epoch."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train one model with the shared trainer; print validation and test metrics."""
+    _setup_logging(verbose)
+    cfg = resolve_cli_config(model, config, data, data_format, sets, seed, epochs)
+    from rayrec.data import load_split
+    from rayrec.train.run import train_run
+
+    split = load_split(cfg.data)
+    echo(split.summary())
+    metric = cfg.train.metric
+
+    def on_epoch(trainer, record):
+        best = " *" if record.get("best_epoch") == record["epoch"] else ""
+        echo(
+            f"epoch {record['epoch']:>3}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
+            f"lr {record['lr']:.2e}  val {format_metrics(record, (metric, 'hr@10'), 'val_')}  "
+            f"{record['epoch_seconds']:.1f}s{best}"
+        )
+
+    result = train_run(cfg, split, output=output, init_from=init_from, on_epoch=on_epoch,
+                       progress=progress and sys.stderr.isatty())
+    fit = result.fit
+    echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; best epoch {fit.best_epoch}")
+    echo(f"valid (best epoch): {format_metrics(fit.best_metrics, prefix='val_')}")
+    echo(f"test  (once):       {format_metrics(result.test_metrics)}")
+    echo(f"run directory: {result.output}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    model: Optional[str] = typer.Argument(None, help="Model to tune; its space is search_spaces/<model>.yaml unless --space."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="smoke | quick | medium: budgets from the space's stages."),
+    space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default search_spaces/<model>.yaml)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Base config YAML every trial starts from."),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default <model>-<stage>-<time>); needed for --resume."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where sweeps live: a path or s3://, gs://, ... URL (default ./sweeps or $RAYREC_STORAGE)."),
+    search: Optional[str] = typer.Option(None, "--search", help="hyperopt | random | grid."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha | pbt | fifo."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Number of trials."),
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Epochs per trial (ASHA max_t)."),
+    grace_period: Optional[int] = typer.Option(None, "--grace-period", help="ASHA: epochs before pruning."),
+    reduction_factor: Optional[float] = typer.Option(None, "--reduction-factor", help="ASHA reduction factor."),
+    perturbation_interval: Optional[int] = typer.Option(None, "--perturbation-interval", help="PBT: epochs between exploits (= checkpoint interval)."),
+    quantile_fraction: Optional[float] = typer.Option(None, "--quantile", help="PBT: bottom/top quantile."),
+    pbt_synch: bool = typer.Option(False, "--pbt-synch", help="PBT: synchronous perturbation (deterministic, slower)."),
+    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="GPUs per trial; 0.25 packs four trials on one GPU."),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="CPUs per trial (also its torch threads)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials running at once (default: as resources allow)."),
+    max_failures: int = typer.Option(2, "--max-failures", help="Retries of a failed trial from its last checkpoint."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | off (default: online with an API key, else offline)."),
+    seed: int = typer.Option(0, "--seed", help="Searcher seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep --name: finished trials kept, others resumed from checkpoints."),
+    no_test: bool = typer.Option(False, "--no-test", help="Skip evaluating the best checkpoint on test after the sweep."),
+    verbose: int = typer.Option(1, "--verbose", "-v", count=False, help="Ray progress detail: 0 quiet, 1 concise, 2 full."),
+) -> None:
+    """Tune a model with Ray Tune: parallel trials, pruning, and a reproducible best config."""
+    _setup_logging(verbose > 1)
+    from rayrec.tune.sweep import SweepOptions, run_sweep, summary_table
+
+    opts = SweepOptions(
+        model=model, name=name, storage=storage, space=space, stage=stage, config=config, data=data,
+        sets=list(sets), search=search, scheduler=scheduler, num_samples=num_samples, max_epochs=max_epochs,
+        grace_period=grace_period, reduction_factor=reduction_factor, perturbation_interval=perturbation_interval,
+        quantile_fraction=quantile_fraction, pbt_synch=pbt_synch, gpus_per_trial=gpus_per_trial,
+        cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures, address=address,
+        wandb=wandb, seed=seed, resume=resume, verbose=verbose, evaluate_test=not no_test,
+    )
+    result = run_sweep(opts)
+    metric = result.best.get("metric", "val_ndcg@10").removeprefix("val_")
+    echo(summary_table(result, metric))
+    if result.best:
+        echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}")
+        if "test" in result.best:
+            echo(f"best checkpoint on test (once): {format_metrics(result.best['test'])}")
+    echo(f"results: {result.experiment}  (trials.parquet, history.parquet, best.yaml, summary.yaml)")
+    echo(f"reproduce: rayrec train --config {result.experiment}/best.yaml")
+
+
+@app.command()
+def models() -> None:
+    """List the registered models and their kind."""
+    from rayrec.models import MODELS, get_model_spec
+
+    for name in MODELS:
+        spec = get_model_spec(name)
+        echo(f"{name:10s} {spec.kind}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

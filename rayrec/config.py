@@ -1,0 +1,315 @@
+"""Typed configuration: one object describes a run, for `rayrec train` and every sweep trial.
+
+A run's config has three typed sections plus the model's own dataclass:
+
+    model: {name: sasrec, hidden: 64, ...}   # the model's dataclass (rayrec/models/<name>.py)
+    data:  {name: synthetic, ...}             # DataConfig
+    train: {epochs: 30, lr: 0.001, ...}       # TrainConfig
+
+Values are resolved in one order everywhere (field-lessons §2: tuning environment ==
+training environment): dataclass defaults < the model's training defaults < a YAML file <
+`--set key=value` overrides (or a sweep's sampled values, which are the same dotted keys).
+The resolved config, defaults included, is what every run records, and feeding that record
+back through `--config` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rayrec.errors import UserError, did_you_mean
+
+SPLITS = ("loo", "ratio", "temporal")
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how they are cleaned and split."""
+
+    name: str = "synthetic"  # named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, gowalla, ...) or a path/URL
+    format: str | None = None  # reader for a path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn
+    columns: dict[str, str] = field(default_factory=dict)  # csv/parquet: {user: col, item: col, timestamp: col, rating: col}
+    min_rating: float | None = None  # implicit feedback: keep ratings >= this
+    user_core: int = 5  # iterative k-core: every user keeps >= this many interactions
+    item_core: int = 5  # ... and every item
+    split: Literal["loo", "ratio", "temporal"] = "loo"  # leave-one-out | per-user random ratio | global temporal
+    valid_ratio: float = 0.1  # ratio/temporal splits: share of each user's (or all) interactions for validation
+    test_ratio: float = 0.2  # ratio/temporal splits: share for test
+    seed: int = 0  # split and synthetic-data seed (separate from the training seed)
+    cache_dir: str | None = None  # default: $RAYREC_CACHE or ~/.cache/rayrec
+    # The built-in synthetic dataset (offline, deterministic, planted sequential structure).
+    synthetic_users: int = 1000
+    synthetic_items: int = 400
+    synthetic_length: int = 30  # mean interactions per user
+
+    def validate(self) -> None:
+        if self.user_core < 0 or self.item_core < 0:
+            raise UserError(f"data.user_core/item_core must be >= 0, got {self.user_core}/{self.item_core}")
+        for key in ("valid_ratio", "test_ratio"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise UserError(f"data.{key} must be in [0, 1), got {v}")
+        if self.valid_ratio + self.test_ratio >= 1.0:
+            raise UserError(
+                f"data.valid_ratio + data.test_ratio must be < 1, got {self.valid_ratio + self.test_ratio}"
+            )
+        for key in ("synthetic_users", "synthetic_items", "synthetic_length"):
+            if getattr(self, key) < 2:
+                raise UserError(f"data.{key} must be >= 2, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    """The one trainer's settings: the same for `rayrec train` and every sweep trial."""
+
+    epochs: int = 30  # maximum epochs; early stopping may end sooner
+    batch_size: int = 128  # sequences (sequential models) or (user, item) pairs (graph models) per step
+    lr: float = 1e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_epochs: float = 5.0  # linear warm-up, capped at 20% of `epochs` so short runs still decay
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 5.0  # max global gradient norm; 0 disables
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
+    patience: int = 10  # early stopping: epochs without improvement of `metric` by > min_delta
+    min_delta: float = 0.0
+    metric: str = "ndcg@10"  # validation metric for early stopping and model selection
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs for HR/NDCG/MRR/recall/coverage
+    eval_batch_size: int = 512  # users per full-ranking batch
+    sampled_negatives: int = 0  # >0 adds sampled metrics (target among N unseen items), keys prefixed 'sampled_'
+    train_eval_users: int = 0  # >0: also score this many training users (fixed sample) to measure the train/val gap
+    limit_train_batches: int = 0  # >0: cap batches per epoch (smoke tests)
+    seed: int = 42  # model init, batch order, dropout
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise UserError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
+        for key in ("weight_decay", "warmup_epochs", "grad_clip", "min_delta", "min_lr_ratio"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.patience < 1:
+            raise UserError(f"train.patience must be >= 1, got {self.patience}")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise UserError(f"train.ks must be a non-empty list of positive integers, got {self.ks}")
+        name, _, k = self.metric.partition("@")
+        valid = ("ndcg", "hr", "recall", "mrr", "precision", "coverage")
+        if name not in valid or not k.isdigit() or int(k) not in self.ks:
+            raise UserError(
+                f"train.metric '{self.metric}' is not computed; valid: one of {', '.join(valid)} "
+                f"followed by @K with K in train.ks={self.ks}, e.g. ndcg@10"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"train.device '{self.device}' is not valid; valid: auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class Config:
+    """A fully resolved run: model name, the model's dataclass, data and train sections."""
+
+    model_name: str
+    model: Any
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys ('train.lr') to values: the form search spaces and W&B use."""
+        return flatten(self.to_dict())
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "columns":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping from a local path or any fsspec URL, safely."""
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "r") as fh:
+            loaded = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read config file {path}: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping (model:, data:, train:), got {type(loaded).__name__}")
+    return loaded
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings to a dict; values are parsed as YAML scalars (1e-3, true, [5, 10])."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value (e.g. train.lr=0.001), got '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def build_config(
+    model_name: str | None = None,
+    base: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a Config: defaults < model training defaults < `base` (a YAML mapping) < `overrides`.
+
+    `overrides` uses dotted keys ('train.lr', 'model.hidden', 'data.name'). `model_name`, if
+    given, must agree with `base`'s model.name when both are set.
+    """
+    from rayrec.models import get_model_spec
+
+    base = dict(base or {})
+    unknown = set(base) - {"model", "data", "train"}
+    if unknown:
+        raise UserError(f"unknown config section '{sorted(unknown)[0]}'; valid: model, data, train")
+    sections = {}
+    for name in ("model", "data", "train"):
+        section = base.get(name) or {}
+        if not isinstance(section, dict):
+            raise UserError(f"config section '{name}' must be a mapping, got {section!r}")
+        sections[name] = dict(section)
+
+    overrides = dict(overrides or {})
+    file_model = sections["model"].pop("name", None)
+    set_model = overrides.pop("model.name", None)
+    name = set_model or model_name or file_model
+    if model_name and file_model and model_name != file_model and not set_model:
+        raise UserError(f"model '{model_name}' does not match the config file's model.name '{file_model}'")
+    if not name:
+        raise UserError("no model given; pass one (e.g. `rayrec train sasrec`) or set model.name in --config")
+    spec = get_model_spec(name)
+
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or not key:
+            raise UserError(f"unknown key '{dotted}'; keys look like model.<field>, data.<field> or train.<field>")
+        sections[section][key] = value
+
+    train_values = {**spec.train_defaults, **sections["train"]}
+    model_cfg = _make(spec.config_cls, sections["model"], "model")
+    data_cfg = _make(DataConfig, sections["data"], "data")
+    train_cfg = _make(TrainConfig, train_values, "train")
+    for section in (model_cfg, data_cfg, train_cfg):
+        if hasattr(section, "validate"):
+            section.validate()
+    return Config(model_name=spec.name, model=model_cfg, data=data_cfg, train=train_cfg)
+
+
+def config_from_dict(resolved: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (best.yaml, checkpoints, W&B)."""
+    return build_config(base=resolved)
+
+
+def _make(cls, values: dict[str, Any], section: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"unknown key '{section}.{key}'; {did_you_mean(key, fields)}")
+        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field's type, converting only where it loses nothing (int -> float)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"{key} must not be empty")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key} got '{value}'; {did_you_mean(value, args)}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): coerce(v, args[1], key) for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if isinstance(value, str) and annotation in (int, float):
+        # YAML 1.1 reads '1e-3' (no dot) as a string; accept numeric text for numeric fields.
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"{key} must be a number, got {value!r}") from None
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,151 @@
+"""Train / validation / test splits of cleaned interactions.
+
+Each splitter assigns every interaction a part (TRAIN, VALID or TEST) and returns counts
+for `SplitData.info`; `split_interactions` turns the parts into per-user CSR rows, which
+keep the interactions' time order.
+
+    loo       user A:  a1 a2 a3 a4 | a5 | a6      train | valid | test: the last two items held out
+              user B:  b1 | b2                     2 items: train | test, no validation target
+              user C:  c1                          1 item: train only
+    ratio     user A:  a1 a3 a4 a6 | a2 | a5      random items held out per user (seeded)
+    temporal  all:     t < T_valid | T_valid <= t < T_test | t >= T_test
+                       T_valid, T_test: timestamp quantiles 1 - valid - test and 1 - test
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from rayrec.data.preprocess import Interactions
+from rayrec.data.types import CSR
+from rayrec.errors import UserError
+
+TRAIN, VALID, TEST = 0, 1, 2
+
+
+def _position_from_end(user: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, how many of the same user's rows come after it; and each user's row count."""
+    counts = np.bincount(user, minlength=n_users)
+    order = np.argsort(user, kind="stable")
+    ends = np.cumsum(counts)
+    from_end = np.empty(len(user), dtype=np.int64)
+    from_end[order] = ends[user[order]] - 1 - np.arange(len(user))
+    return from_end, counts
+
+
+def leave_one_out_split(data: Interactions, ordered: bool, seed: int, **_) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each user's last item is the test target and the one before it the validation target.
+
+    Users with 2 interactions get a test target but no validation target; users with 1
+    keep it for training only. On unordered data "last" means a random item (seeded).
+    """
+    user = data.user
+    if not ordered:
+        # A random order per user, so the held-out items are a seeded random choice.
+        shuffle = np.random.default_rng(seed).permutation(len(user))
+        user = user[shuffle]
+    from_end, counts = _position_from_end(user, data.n_users)
+    length = counts[user]
+    part = np.full(len(user), TRAIN, dtype=np.int8)
+    part[(from_end == 0) & (length >= 2)] = TEST
+    part[(from_end == 1) & (length >= 3)] = VALID
+    if not ordered:
+        unshuffled = np.empty_like(part)
+        unshuffled[shuffle] = part
+        part = unshuffled
+    info = {
+        "users_without_valid": int((counts < 3).sum()),
+        "users_without_test": int((counts < 2).sum()),
+    }
+    return part, info
+
+
+def ratio_split(
+    data: Interactions, ordered: bool, seed: int, valid_ratio: float, test_ratio: float, **_
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per user, random items held out: round(n * test_ratio) for test, round(n * valid_ratio) for validation.
+
+    Rounding is half-up. Every user keeps at least one training item: when the rounded
+    shares would leave none, validation shrinks first, then test.
+    """
+    rng = np.random.default_rng(seed)
+    # Random rank within each user: sort by (user, random key).
+    order = np.lexsort((rng.random(len(data.user)), data.user))
+    counts = np.bincount(data.user, minlength=data.n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(data.user), dtype=np.int64)
+    rank[order] = np.arange(len(data.user)) - starts[data.user[order]]
+
+    n_test = np.minimum(np.floor(counts * test_ratio + 0.5).astype(np.int64), np.maximum(counts - 1, 0))
+    n_valid = np.minimum(np.floor(counts * valid_ratio + 0.5).astype(np.int64), np.maximum(counts - 1 - n_test, 0))
+    user_rank, user_test, user_valid = rank, n_test[data.user], n_valid[data.user]
+    part = np.full(len(data.user), TRAIN, dtype=np.int8)
+    part[user_rank < user_test] = TEST
+    part[(user_rank >= user_test) & (user_rank < user_test + user_valid)] = VALID
+    info = {
+        "users_without_valid": int((n_valid == 0).sum()),
+        "users_without_test": int((n_test == 0).sum()),
+    }
+    return part, info
+
+
+def temporal_split(
+    data: Interactions, ordered: bool, seed: int, valid_ratio: float, test_ratio: float, **_
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """One global cut in time: the latest test_ratio of interactions are test, the valid_ratio before them validation.
+
+    Cuts are timestamp thresholds, so interactions at the same instant never straddle a
+    cut (split sizes can differ slightly from the ratios when timestamps tie).
+    """
+    if data.timestamp is None:
+        raise UserError(
+            "data.split=temporal needs timestamps, and this dataset has none; use data.split=loo or data.split=ratio"
+        )
+    ts = data.timestamp
+    sorted_ts = np.sort(ts)
+    n_test = int(np.floor(len(ts) * test_ratio + 0.5))
+    n_valid = int(np.floor(len(ts) * valid_ratio + 0.5))
+    # Thresholds at the rounded quantile positions; +inf when a part is empty (ratio 0).
+    t_test = sorted_ts[len(ts) - n_test] if n_test else np.inf
+    t_valid = sorted_ts[len(ts) - n_test - n_valid] if n_valid and n_test + n_valid < len(ts) else t_test
+    part = np.full(len(ts), TRAIN, dtype=np.int8)
+    part[ts >= t_valid] = VALID
+    part[ts >= t_test] = TEST
+    if (part == TRAIN).sum() == 0:
+        raise UserError(
+            f"data.split=temporal left no training interactions (all timestamps are >= {t_valid}); "
+            f"lower data.valid_ratio/test_ratio or use data.split=loo"
+        )
+    info = {
+        "valid_from_timestamp": float(t_valid) if np.isfinite(t_valid) else None,
+        "test_from_timestamp": float(t_test) if np.isfinite(t_test) else None,
+        "users_without_valid": int(data.n_users - len(np.unique(data.user[part == VALID]))),
+        "users_without_test": int(data.n_users - len(np.unique(data.user[part == TEST]))),
+    }
+    return part, info
+
+
+SPLITTERS: dict[str, Callable[..., tuple[np.ndarray, dict[str, Any]]]] = {
+    "loo": leave_one_out_split,
+    "ratio": ratio_split,
+    "temporal": temporal_split,
+}
+
+
+def split_interactions(
+    data: Interactions, kind: str, ordered: bool, seed: int, valid_ratio: float, test_ratio: float
+) -> tuple[CSR, CSR, CSR, dict[str, Any]]:
+    """Train, valid and test CSRs (rows in time order) and the split's counts for `info`."""
+    splitter = SPLITTERS.get(kind)
+    if splitter is None:
+        raise UserError(f"unknown data.split '{kind}'; valid: {', '.join(SPLITTERS)}")
+    part, info = splitter(data, ordered=ordered, seed=seed, valid_ratio=valid_ratio, test_ratio=test_ratio)
+    train, valid, test = (
+        CSR.from_pairs(data.user[part == p], data.item[part == p], data.n_users) for p in (TRAIN, VALID, TEST)
+    )
+    # Users left without training items are kept (they have targets), counted here and
+    # warned about by load_split.
+    info = {"kind": kind, **info, "users_without_train": int((train.lengths() == 0).sum())}
+    return train, valid, test, info

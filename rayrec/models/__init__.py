@@ -1,0 +1,37 @@
+"""Model registry. Each entry names the module that defines `SPEC`; modules load on first use
+so `import rayrec` does not import torch."""
+
+from __future__ import annotations
+
+import importlib
+
+from rayrec.errors import UserError, did_you_mean
+
+MODELS: dict[str, str] = {
+    "sasrec": "rayrec.models.sasrec",
+    "pop": "rayrec.models.pop",
+    "lightgcn": "rayrec.models.lightgcn",
+    "bprmf": "rayrec.models.bprmf",
+    "bert4rec": "rayrec.models.bert4rec",
+    "gru4rec": "rayrec.models.gru4rec",
+}
+
+
+def get_model_spec(name: str):
+    """The ModelSpec for `name`, or a UserError listing the registered models."""
+    module = MODELS.get(name)
+    if module is None:
+        raise UserError(f"unknown model '{name}'; {did_you_mean(name, MODELS)}")
+    return importlib.import_module(module).SPEC
+
+
+def build_model(name: str, cfg, data):
+    """Instantiate a registered model for a dataset, checking the data suits it."""
+    spec = get_model_spec(name)
+    if spec.kind == "sequential" and not data.ordered:
+        raise UserError(
+            f"model '{name}' is sequential and needs interactions in time order, but dataset "
+            f"'{data.name}' has no timestamps or order; use a graph model (lightgcn, bprmf) or pop, "
+            "or give data with a timestamp column"
+        )
+    return spec.model_cls(cfg, data)

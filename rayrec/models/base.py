@@ -1,0 +1,66 @@
+"""The contract every model implements, so one trainer and one evaluator serve them all.
+
+A model owns its maths (how to build training batches it needs, the loss, the scores);
+the trainer owns the loop (optimiser, schedule, clipping, AMP, early stopping, state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayrec.data.types import CSR, SplitData
+
+
+class RecModel(nn.Module):
+    """Base class. Subclasses set `kind` and implement train_batches, loss and score.
+
+    kind: 'sequential' needs chronological rows (SplitData.ordered); 'graph' and 'static'
+    work on any split.
+    """
+
+    kind: ClassVar[str] = "sequential"
+    trainable: ClassVar[bool] = True  # False: no optimiser steps (popularity); the trainer only evaluates
+
+    def __init__(self, cfg: Any, data: SplitData):
+        super().__init__()
+        self.cfg = cfg
+        self.n_users = data.n_users
+        self.n_items = data.n_items
+
+    def train_batches(self, data: SplitData, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        """One epoch of training batches (numpy arrays or tensors; the trainer moves them to the device)."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss for one batch."""
+        raise NotImplementedError
+
+    def eval_inputs(self, history: CSR, users: np.ndarray) -> dict[str, Any]:
+        """What `score` needs to rank items for `users` given what they have seen (history)."""
+        return {"users": users}
+
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores over all item ids for each user in the batch: [B, n_items + 1] (column 0 is padding)."""
+        raise NotImplementedError
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Model-specific per-epoch figures worth logging (an auxiliary loss, a norm)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about a model: its name, kind, classes and training defaults."""
+
+    name: str
+    kind: str
+    config_cls: type
+    model_cls: type
+    # Trainer settings this model wants unless the user says otherwise (field-lessons §5:
+    # graph models want lower lr, clipping 1.0 and long patience; transformers clip at 5.0).
+    train_defaults: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,113 @@
+"""GRU4Rec (Hidasi et al., ICLR 2016): a GRU reads a user's items in order and its state
+after each item scores the next one.
+
+Trained like SASRec (every position of a user's recent sequence predicts the next item),
+with the same choice of losses (field-lessons §7), which is the setting in which GRU4Rec
+was found competitive with transformers (Petrov & Macdonald; Klenitskiy & Vasilev). The
+output layer shares the item embedding table, as in later GRU4Rec versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from rayrec.data.batches import last_items, sequence_batches
+from rayrec.errors import UserError
+from rayrec.models.base import ModelSpec, RecModel
+from rayrec.models.losses import item_loss
+from rayrec.models.sasrec import check_sequence_config
+
+
+@dataclass
+class GRU4RecConfig:
+    embedding: int = 64  # item embedding size (input and output, shared)
+    hidden: int = 64  # GRU state size; projected back to `embedding` when different
+    layers: int = 1  # stacked GRU layers
+    dropout: float = 0.2  # on embeddings, between GRU layers and on the GRU output
+    max_len: int = 200  # most recent items a user's sequence keeps
+    loss: Literal["ce", "bpr", "bce", "sampled_softmax"] = "ce"  # next-item loss
+    negatives: int = 1  # uniform negatives per position for bce / bpr / sampled_softmax
+    init_std: float = 0.02  # normal init of the item embedding and the projection
+
+    def validate(self) -> None:
+        check_sequence_config(self)
+        if self.embedding < 1:
+            raise UserError(f"model.embedding must be >= 1, got {self.embedding}")
+        if self.layers < 1:
+            raise UserError(f"model.layers must be >= 1, got {self.layers}")
+        if not self.init_std > 0:
+            raise UserError(f"model.init_std must be > 0, got {self.init_std}")
+
+
+class GRU4Rec(RecModel):
+    kind = "sequential"
+
+    def __init__(self, cfg: GRU4RecConfig, data):
+        super().__init__(cfg, data)
+        self.item_emb = nn.Embedding(data.n_items + 1, cfg.embedding, padding_idx=0)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        # The GRU keeps PyTorch's uniform(+-1/sqrt(hidden)) init, which suits its gates;
+        # init_std applies to the embedding and projection, as in SASRec.
+        self.gru = nn.GRU(
+            cfg.embedding, cfg.hidden, num_layers=cfg.layers, batch_first=True,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0,
+        )
+        self.out_dropout = nn.Dropout(cfg.dropout)
+        self.proj = nn.Linear(cfg.hidden, cfg.embedding) if cfg.hidden != cfg.embedding else nn.Identity()
+        nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        if isinstance(self.proj, nn.Linear):
+            nn.init.normal_(self.proj.weight, std=cfg.init_std)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq: (B, L) left-padded item ids -> (B, L, E) states, left-aligned like `seq`.
+
+        Padding side: batches are left-padded (shared with SASRec, most recent item last).
+        Run on that directly, the GRU would read the padding first and reach the first item
+        in a state that depends on how much padding there was. So each row is rotated to
+        right padding, the GRU runs from a zero state at the first real item, and the
+        outputs are rotated back. A GRU is causal, so the trailing padding cannot reach the
+        states at real positions: they equal those of the unpadded sequence, with no packing
+        and no host sync. States at padding positions are meaningless and never used.
+        """
+        B, L = seq.shape
+        n = (seq != 0).sum(dim=1)  # (B,) real items per row
+        pos = torch.arange(L, device=seq.device)[None]  # (1, L)
+        to_right = (pos + (L - n)[:, None]) % L  # right-padded position j reads left position j + L - n
+        x = self.emb_dropout(self.item_emb(seq.gather(1, to_right)))  # (B, L, E), right-padded
+        h, _ = self.gru(x)  # (B, L, H)
+        h = self.proj(self.out_dropout(h))  # (B, L, E)
+        to_left = (pos + n[:, None]) % L  # the inverse rotation
+        return h.gather(1, to_left[..., None].expand(-1, -1, h.shape[-1]))
+
+    def train_batches(self, data, batch_size: int, rng: np.random.Generator):
+        # max_len + 1 items give max_len (input, next item) positions per row.
+        for seq in sequence_batches(data.train, self.cfg.max_len + 1, batch_size, rng):
+            yield {"seq": seq}
+
+    def loss(self, batch):
+        seq = batch["seq"]  # (B, L + 1)
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        hidden = self(inputs)  # (B, L, E)
+        keep = (inputs != 0) & (targets != 0)
+        return item_loss(hidden[keep], targets[keep], self.item_emb.weight, self.cfg.loss, self.cfg.negatives)
+
+    def eval_inputs(self, history, users):
+        return {"seq": last_items(history, users, self.cfg.max_len)}
+
+    def score(self, batch):
+        hidden = self(batch["seq"])[:, -1]  # (B, E): state after the most recent item
+        return hidden @ self.item_emb.weight.T  # (B, N + 1)
+
+
+SPEC = ModelSpec(
+    name="gru4rec", kind="sequential", config_cls=GRU4RecConfig, model_cls=GRU4Rec,
+    train_defaults={"grad_clip": 5.0},
+)

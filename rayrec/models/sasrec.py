@@ -1,0 +1,86 @@
+"""SASRec (Kang & McAuley, 2018): causal self-attention over a user's recent items.
+
+Defaults follow SASRec+ (Klenitskiy & Vasilev, RecSys'23): full-softmax cross-entropy,
+which beats BCE with one negative by a wide margin (anchors.md: 0.182 vs 0.134 NDCG@10 on ML-1M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from rayrec.data.batches import last_items, sequence_batches
+from rayrec.errors import UserError
+from rayrec.models.base import ModelSpec, RecModel
+from rayrec.models.losses import item_loss
+from rayrec.models.transformer import SequenceEncoder
+
+
+@dataclass
+class SASRecConfig:
+    hidden: int = 64  # embedding and hidden size
+    blocks: int = 2  # transformer blocks
+    heads: int = 1  # attention heads; must divide hidden
+    dropout: float = 0.2  # embedding, attention and feed-forward dropout
+    max_len: int = 200  # most recent items a user's sequence keeps
+    loss: Literal["ce", "bce", "bpr", "sampled_softmax"] = "ce"  # next-item loss
+    negatives: int = 1  # uniform negatives per position for bce / bpr / sampled_softmax
+    init_std: float = 0.02  # normal init of embeddings and linear layers
+
+    def validate(self) -> None:
+        check_sequence_config(self)
+        if self.heads < 1 or self.hidden % self.heads:
+            raise UserError(f"model.heads={self.heads} must be >= 1 and divide model.hidden={self.hidden}")
+        if self.blocks < 1:
+            raise UserError(f"model.blocks must be >= 1, got {self.blocks}")
+
+
+def check_sequence_config(cfg) -> None:
+    """Checks every sequential model's common fields share."""
+    if cfg.hidden < 1:
+        raise UserError(f"model.hidden must be >= 1, got {cfg.hidden}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.max_len < 2:
+        raise UserError(f"model.max_len must be >= 2, got {cfg.max_len}")
+    if cfg.negatives < 1:
+        raise UserError(f"model.negatives must be >= 1, got {cfg.negatives}")
+
+
+class SASRec(RecModel):
+    kind = "sequential"
+
+    def __init__(self, cfg: SASRecConfig, data):
+        super().__init__(cfg, data)
+        self.encoder = SequenceEncoder(
+            data.n_items + 1, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len,
+            causal=True, init_std=cfg.init_std,
+        )
+
+    def train_batches(self, data, batch_size: int, rng: np.random.Generator):
+        # max_len + 1 items give max_len (input, next item) positions per row.
+        for seq in sequence_batches(data.train, self.cfg.max_len + 1, batch_size, rng):
+            yield {"seq": seq}
+
+    def loss(self, batch):
+        seq = batch["seq"]  # (B, L + 1)
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        hidden = self.encoder(inputs)  # (B, L, C)
+        keep = (inputs != 0) & (targets != 0)
+        return item_loss(hidden[keep], targets[keep], self.encoder.item_emb.weight, self.cfg.loss, self.cfg.negatives)
+
+    def eval_inputs(self, history, users):
+        return {"seq": last_items(history, users, self.cfg.max_len)}
+
+    def score(self, batch):
+        hidden = self.encoder(batch["seq"])[:, -1]  # (B, C): state after the most recent item
+        return hidden @ self.encoder.item_emb.weight.T  # (B, N + 1)
+
+
+SPEC = ModelSpec(
+    name="sasrec", kind="sequential", config_cls=SASRecConfig, model_cls=SASRec,
+    train_defaults={"grad_clip": 5.0},
+)

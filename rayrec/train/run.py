@@ -1,0 +1,132 @@
+"""`rayrec train`: one run of the shared trainer, written to a run directory.
+
+The run directory is built in a local temporary folder and published only when the run
+has finished, so a bad input or a crash never leaves a half-written run behind:
+
+    config.yaml      fully resolved config (defaults included); `--config` it to reproduce
+    metrics.parquet  one row per epoch: train loss, lr, validation metrics, timings
+    checkpoint.pt    best weights + metadata (model, config, dataset fingerprint, metric, time, version)
+    summary.yaml     best validation metrics, test metrics (evaluated once), epochs, stop reason
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+import rayrec
+from rayrec.config import Config, config_from_dict
+from rayrec.data.types import SplitData
+from rayrec.errors import UserError
+from rayrec.train.trainer import FitResult, Trainer, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output: str
+    fit: FitResult
+    test_metrics: dict[str, float]
+    config: Config
+
+
+def checkpoint_payload(trainer: Trainer, fit: FitResult) -> dict[str, Any]:
+    """Best weights with the metadata that makes a saved model self-describing (field-lessons §11)."""
+    cfg = trainer.cfg
+    metric = f"val_{cfg.train.metric}"
+    return {
+        "model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+        "meta": {
+            "model": cfg.model_name,
+            "config": cfg.to_dict(),
+            "dataset": trainer.data.name,
+            "fingerprint": trainer.data.fingerprint,
+            "metric": metric,
+            "metric_value": float(fit.best_metrics.get(metric, float("nan"))),
+            "best_epoch": fit.best_epoch,
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "rayrec_version": rayrec.__version__,
+            "torch_version": torch.__version__,
+        },
+    }
+
+
+def load_checkpoint(url: str) -> dict[str, Any]:
+    """Read a checkpoint.pt (local path or URL), checking it is one of ours."""
+    payload = load_state(url)
+    if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
+        raise UserError(f"{url} is not a rayrec checkpoint (expected keys 'model' and 'meta')")
+    return payload
+
+
+def init_from_checkpoint(trainer: Trainer, url: str) -> None:
+    """Warm-start a trainer's model from a checkpoint whose model and dataset match."""
+    payload = load_checkpoint(url)
+    meta = payload["meta"]
+    if meta["model"] != trainer.cfg.model_name:
+        raise UserError(f"--init-from checkpoint is a '{meta['model']}' model, not '{trainer.cfg.model_name}'")
+    if meta["fingerprint"] != trainer.data.fingerprint:
+        raise UserError(
+            f"--init-from checkpoint was trained on dataset fingerprint {meta['fingerprint'][:12]}, "
+            f"this run's data is {trainer.data.fingerprint[:12]}; item ids would not line up"
+        )
+    try:
+        trainer.model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"--init-from checkpoint does not fit this model's shape: {first}") from None
+
+
+def default_output(cfg: Config) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{cfg.model_name}-{cfg.data.name.replace('/', '_')}-{stamp}")
+
+
+def train_run(
+    cfg: Config,
+    data: SplitData,
+    output: str | None = None,
+    init_from: str | None = None,
+    on_epoch: Callable[[Trainer, dict[str, Any]], Any] | None = None,
+    progress: bool = False,
+) -> RunResult:
+    """Train, evaluate the best weights on test once, and publish the run directory."""
+    from rayrec.storage import check_writable, publish_dir, write_parquet, write_yaml
+
+    output = output or default_output(cfg)
+    check_writable(output, must_not_exist=True)
+    trainer = Trainer(cfg, data)
+    if init_from:
+        init_from_checkpoint(trainer, init_from)
+    fit = trainer.fit(on_epoch=on_epoch, progress=progress)
+    test = trainer.test()
+    with tempfile.TemporaryDirectory(prefix="rayrec-run-") as tmp:
+        write_yaml(os.path.join(tmp, "config.yaml"), cfg.to_dict())
+        write_parquet(os.path.join(tmp, "metrics.parquet"), fit.history)
+        save_state(checkpoint_payload(trainer, fit), os.path.join(tmp, "checkpoint.pt"))
+        summary = {
+            "model": cfg.model_name,
+            "dataset": data.name,
+            "synthetic": bool(data.info.get("synthetic", False)),
+            "fingerprint": data.fingerprint,
+            "best_epoch": fit.best_epoch,
+            "epochs_run": fit.epochs_run,
+            "stop_reason": fit.stop_reason,
+            "valid": {k.removeprefix("val_"): float(v) for k, v in fit.best_metrics.items()},
+            "test": {k: float(v) for k, v in test.items()},
+            "rayrec_version": rayrec.__version__,
+        }
+        write_yaml(os.path.join(tmp, "summary.yaml"), summary)
+        publish_dir(tmp, output)
+    return RunResult(output=output, fit=fit, test_metrics=test, config=cfg)
+
+
+def config_from_checkpoint(url: str) -> Config:
+    return config_from_dict(load_checkpoint(url)["meta"]["config"])

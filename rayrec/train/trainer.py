@@ -1,0 +1,350 @@
+"""The one trainer: every `rayrec train` run and every sweep trial goes through `Trainer.fit`.
+
+It knows models, metrics and data, never Ray: the tuning layer plugs in through the
+`on_epoch` callback, which sees each epoch's record and may save the trainer's state.
+
+Reproducibility rules (field-lessons §2):
+- every epoch starts by seeding torch and numpy from (seed, epoch), so the state at an
+  epoch boundary (weights, optimiser moments, epoch counter, early-stopping state) fully
+  determines the rest of the run: save at epoch k, restore in a fresh process, finish, and
+  the metrics equal those of a straight run (tested on CPU);
+- the learning rate is a pure function of (config, progress), set before every step, so
+  nothing about the schedule hides in optimiser state and a PBT mutation of train.lr takes
+  effect immediately after an exploit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rayrec.config import Config
+from rayrec.data.types import SplitData
+from rayrec.errors import UserError
+from rayrec.models import build_model
+from rayrec.train.evaluate import batch_to_device, evaluate, evaluate_on_train
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' is CUDA when torch sees a GPU, else CPU; an explicit CUDA request without one is a UserError."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={requested} but no CUDA GPU is visible here; valid: cpu, auto")
+    return torch.device(requested)
+
+
+def lr_factor(progress: float, epochs: int, warmup_epochs: float, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at `progress` epochs (fractional): linear warm-up, then cosine or constant.
+
+    Warm-up is capped at 20% of the run so that a short run still spends most steps decaying.
+    """
+    warm = min(warmup_epochs, 0.2 * epochs)
+    if warm > 0 and progress < warm:
+        return progress / warm
+    if schedule == "constant":
+        return 1.0
+    span = max(epochs - warm, 1e-9)
+    t = min(max((progress - warm) / span, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when `metric` has not improved by more than `min_delta` for `patience` epochs."""
+
+    patience: int
+    min_delta: float
+    best: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True when it is a new best."""
+        if value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]  # validation metrics at the best epoch ('val_' keys)
+    last_metrics: dict[str, float]
+    epochs_run: int
+    stop_reason: str  # 'early_stopped' | 'finished' | 'stopped'
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the loop; the model owns the maths (RecModel.train_batches / loss / score)."""
+
+    def __init__(self, cfg: Config, data: SplitData, device: str | torch.device | None = None):
+        self.cfg = cfg
+        self.data = data
+        tc = cfg.train
+        self.device = torch.device(device) if device is not None else resolve_device(tc.device)
+        if tc.num_threads > 0:
+            torch.set_num_threads(tc.num_threads)
+        torch.manual_seed(tc.seed)  # model init depends only on the seed
+        self.model = build_model(cfg.model_name, cfg.model, data).to(self.device)
+        self.optimizer = self._make_optimizer() if self.model.trainable else None
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.epoch = 0  # epochs completed
+        self.stopper = EarlyStopping(tc.patience, tc.min_delta)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.stop_reason = ""
+        self._train_users = self._fixed_train_users()
+
+    # --- set-up -------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        # Decay matrices and embeddings, not biases or LayerNorm gains (standard AdamW practice).
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.train.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=self.cfg.train.lr)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not self.cfg.train.amp or self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _fixed_train_users(self) -> np.ndarray:
+        n = self.cfg.train.train_eval_users
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        eligible = np.flatnonzero(self.data.train.lengths() >= 2)
+        rng = np.random.default_rng(self.cfg.train.seed)
+        return np.sort(rng.choice(eligible, size=min(n, len(eligible)), replace=False))
+
+    def apply_hyperparameters(self) -> None:
+        """Push config values that live in the optimiser (weight decay) into it.
+
+        Called after restoring state, so a config mutated by PBT overrides the donor's
+        optimiser settings; lr needs nothing here because it is set before every step.
+        """
+        if self.optimizer is not None:
+            self.optimizer.param_groups[0]["weight_decay"] = self.cfg.train.weight_decay
+
+    # --- the loop -----------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[["Trainer", dict[str, Any]], bool | None] | None = None,
+            progress: bool = False) -> FitResult:
+        """Train until `train.epochs`, early stopping, or `on_epoch` returning True.
+
+        `on_epoch(trainer, record)` runs after every epoch's validation, with the trainer's
+        state already advanced, so it can save `trainer.state_dict()` for an exact resume.
+        """
+        tc = self.cfg.train
+        if not self.model.trainable:
+            # Nothing to optimise: one evaluation is the whole run (popularity baseline).
+            start = time.perf_counter()
+            record = self._record(self.epoch, float("nan"), 0.0, start)
+            self.epoch += 1
+            self.stopper.update(record[f"val_{tc.metric}"], self.epoch)
+            self.best_state = self._weights()
+            self.stop_reason = "finished"
+            if on_epoch is not None:
+                on_epoch(self, record)
+            return self._result()
+        while self.epoch < tc.epochs and not self.stopper.should_stop:
+            start = time.perf_counter()
+            loss, lr = self.train_epoch(self.epoch, progress=progress)
+            record = self._record(self.epoch, loss, lr, start)
+            self.epoch += 1
+            if self.stopper.update(record[f"val_{tc.metric}"], self.epoch):
+                self.best_state = self._weights()
+            record["best_epoch"] = self.stopper.best_epoch
+            if self.stopper.should_stop:
+                self.stop_reason = "early_stopped"
+            elif self.epoch >= tc.epochs:
+                self.stop_reason = "finished"
+            if on_epoch is not None and on_epoch(self, record):
+                self.stop_reason = self.stop_reason or "stopped"
+                break
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self._result()
+
+    def train_epoch(self, epoch: int, progress: bool = False) -> tuple[float, float]:
+        """One pass over the training batches; returns (mean loss, lr at the end)."""
+        tc = self.cfg.train
+        seed_epoch(tc.seed, epoch)
+        rng = np.random.default_rng([tc.seed, epoch])
+        batches = list(self.model.train_batches(self.data, tc.batch_size, rng))
+        if tc.limit_train_batches > 0:
+            batches = batches[: tc.limit_train_batches]
+        if not batches:
+            raise UserError(
+                f"no training batches for model '{self.cfg.model_name}' on dataset '{self.data.name}': "
+                "every user has too few training interactions; lower data.user_core or use more data"
+            )
+        self.model.train()
+        total, lr = 0.0, tc.lr
+        bar = _progress(len(batches), f"epoch {epoch + 1}") if progress else None
+        for i, batch in enumerate(batches):
+            lr = tc.lr * lr_factor(epoch + (i + 1) / len(batches), tc.epochs, tc.warmup_epochs, tc.schedule, tc.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self._step(batch_to_device(batch, self.device))
+            total += loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        if bar is not None:
+            bar.close()
+        return total / len(batches), lr
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> float:
+        tc = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = self.model.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} (lr {self.optimizer.param_groups[0]['lr']:.3g})")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def _record(self, epoch: int, loss: float, lr: float, start: float) -> dict[str, Any]:
+        tc = self.cfg.train
+        train_seconds = time.perf_counter() - start
+        val = self.evaluate("valid")
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "lr": lr}
+        record.update({f"val_{k}": v for k, v in val.items()})
+        if len(self._train_users):
+            on_train = evaluate_on_train(self.model, self.data, self._train_users, tc.ks, self.device, tc.eval_batch_size)
+            record.update({f"train_{k}": v for k, v in on_train.items() if k != "n_users"})
+        record.update(self.model.extra_metrics())
+        record["epoch_seconds"] = time.perf_counter() - start
+        record["train_seconds"] = train_seconds
+        self.history.append(record)
+        return record
+
+    def evaluate(self, split: str = "valid") -> dict[str, float]:
+        tc = self.cfg.train
+        return evaluate(
+            self.model, self.data, split, tc.ks, self.device, batch_size=tc.eval_batch_size,
+            sampled_negatives=tc.sampled_negatives, seed=tc.seed,
+        )
+
+    def test(self) -> dict[str, float]:
+        """Test metrics of the current (best, after fit) weights. Call once per run."""
+        return self.evaluate("test")
+
+    def _result(self) -> FitResult:
+        best = next((r for r in self.history if r["epoch"] == self.stopper.best_epoch), self.history[-1] if self.history else {})
+        return FitResult(
+            best_epoch=self.stopper.best_epoch,
+            best_metrics={k: v for k, v in best.items() if k.startswith("val_")},
+            last_metrics=dict(self.history[-1]) if self.history else {},
+            epochs_run=self.epoch,
+            stop_reason=self.stop_reason or "finished",
+            history=list(self.history),
+        )
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # --- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimiser, epoch, early stopping, history.
+
+        Only tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` reads it.
+        """
+        return {
+            "version": STATE_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "epoch": self.epoch,
+            "stopper": {"best": self.stopper.best, "best_epoch": self.stopper.best_epoch,
+                        "bad_epochs": self.stopper.bad_epochs},
+            "best_model": self.best_state or {},
+            "history": copy.deepcopy(self.history),
+            "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise UserError(f"checkpoint state version {state.get('version')} is not supported (expected {STATE_VERSION})")
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        s = state["stopper"]
+        self.stopper.best, self.stopper.best_epoch, self.stopper.bad_epochs = float(s["best"]), int(s["best_epoch"]), int(s["bad_epochs"])
+        self.best_state = state["best_model"] or None
+        self.history = list(state["history"])
+        self.stop_reason = state.get("stop_reason", "")
+        self.apply_hyperparameters()
+
+    def save(self, path: str) -> None:
+        save_state(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(load_state(path, self.device))
+
+
+def save_state(state: dict[str, Any], path: str) -> None:
+    """torch.save to a local path or fsspec URL."""
+    import fsspec
+
+    with fsspec.open(path, "wb") as fh:
+        torch.save(state, fh)
+
+
+def load_state(path: str, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a state saved by save_state; weights_only=True so a checkpoint cannot run code."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as fh:
+            return torch.load(fh, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed torch (dropout, masks, sampled negatives) from (seed, epoch)."""
+    torch.manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)

@@ -1,0 +1,550 @@
+"""`rayrec sweep`: assemble and run a Ray Tune sweep of the shared trainer, then export results.
+
+Experiment directory (`<storage>/<name>/`), beside Ray's own files:
+
+    sweep.yaml       what was asked: model, search space, base config, options (resume reads it)
+    trials.parquet   one row per trial: id, status, resolved config, best/last validation metrics,
+                     epochs run, why it stopped (pruned / early_stopped / finished / errored)
+    history.parquet  every reported epoch of every trial
+    best.yaml        the best trial's fully resolved config: `rayrec train --config best.yaml`
+    summary.yaml     best trial, its validation metric, and its checkpoint evaluated once on test
+
+Everything that can be checked is checked before Ray starts: the space, the option
+combination, the storage (a write probe), the data, and GPU availability.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rayrec.config import build_config, flatten, load_yaml, parse_overrides, unflatten
+from rayrec.errors import UserError, did_you_mean
+from rayrec.tune.space import SCHEDULERS, SEARCHES, SearchSpace, diff_spaces, load_space, parse_space
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "metric": "ndcg@10", "mode": "max", "num_samples": 8, "max_epochs": 10, "grace_period": 2,
+    "reduction_factor": 3, "search": "hyperopt", "scheduler": "asha", "perturbation_interval": 2,
+    "quantile_fraction": 0.25, "checkpoint_every": 1,
+}
+SPEC_FILE = "sweep.yaml"
+
+
+def default_storage() -> str:
+    return os.environ.get("RAYREC_STORAGE") or os.path.abspath("sweeps")
+
+
+@dataclass
+class SweepOptions:
+    """Everything `rayrec sweep` accepts. None means 'take it from the space's sweep/stage defaults'."""
+
+    model: str | None = None
+    name: str | None = None
+    storage: str | None = None
+    space: str | None = None  # search-space YAML; default search_spaces/<model>.yaml
+    stage: str | None = None  # smoke | quick | medium
+    config: str | None = None  # base config YAML
+    data: str | None = None
+    sets: list[str] = field(default_factory=list)  # key=value overrides of the base config
+    search: str | None = None
+    scheduler: str | None = None
+    num_samples: int | None = None
+    max_epochs: int | None = None
+    grace_period: int | None = None
+    reduction_factor: float | None = None
+    perturbation_interval: int | None = None
+    quantile_fraction: float | None = None
+    pbt_synch: bool = False
+    checkpoint_every: int | None = None
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    address: str | None = None
+    wandb: str | None = None  # online | offline | off; default: online with an API key, else offline
+    seed: int = 0  # searcher seed
+    resume: bool = False
+    verbose: int = 1
+    evaluate_test: bool = True
+    extra_space: dict[str, Any] = field(default_factory=dict)  # extra Tune entries (tests only)
+
+
+@dataclass
+class Plan:
+    """A validated sweep: the resolved options, space and base config, ready for Ray."""
+
+    model: str
+    name: str
+    storage: str
+    experiment: str  # storage/name
+    space: SearchSpace
+    base: dict[str, Any]  # nested base config (config file + overrides + fixed + train.epochs)
+    settings: dict[str, Any]  # metric, mode, num_samples, max_epochs, search, scheduler, ...
+    options: SweepOptions
+
+
+@dataclass
+class SweepResult:
+    experiment: str
+    trials: Any  # pandas DataFrame
+    history: Any
+    best: dict[str, Any]
+
+
+# --- planning (no Ray) ------------------------------------------------------------------
+def plan_sweep(opts: SweepOptions) -> Plan:
+    """Validate options, space and base config; every problem is a UserError before Ray starts."""
+    from rayrec.storage import join
+
+    space = load_space(opts.model, opts.space)
+    model = space.model
+    settings = {**DEFAULTS, **space.sweep_defaults(opts.stage)}
+    explicit = {k: getattr(opts, k) for k in DEFAULTS if getattr(opts, k, None) is not None}
+    settings.update(explicit)
+    settings["pbt_synch"] = opts.pbt_synch
+    _check_settings(settings, space, search_explicit="search" in explicit)
+
+    base = load_yaml(opts.config) if opts.config else {}
+    overrides = parse_overrides(opts.sets)
+    if opts.data is not None:
+        overrides["data.name"] = opts.data
+    overrides["train.epochs"] = settings["max_epochs"]
+    overrides["train.metric"] = settings["metric"]
+    merged = _merge(base, unflatten({**space.fixed, **overrides}))
+    probe = build_config(model, merged)  # validates the base config as every trial will see it
+    merged.setdefault("model", {})["name"] = model
+    base = {k: v for k, v in merged.items() if k in ("model", "data", "train")}
+    base["model"] = {k: v for k, v in base["model"].items()}
+    if settings["metric"] != probe.train.metric:
+        raise UserError(f"sweep metric {settings['metric']} disagrees with train.metric {probe.train.metric}")
+
+    name = opts.name or f"{model}-{opts.stage or 'sweep'}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name or not name.strip():
+        raise UserError(f"--name '{name}' must be a plain name without '/'")
+    storage = opts.storage or default_storage()
+    if opts.gpus_per_trial < 0 or opts.cpus_per_trial <= 0:
+        raise UserError(f"--gpus-per-trial must be >= 0 and --cpus-per-trial > 0, got {opts.gpus_per_trial}/{opts.cpus_per_trial}")
+    if opts.gpus_per_trial > 1 and opts.gpus_per_trial != int(opts.gpus_per_trial):
+        raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {opts.gpus_per_trial}")
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be >= 1, got {opts.max_concurrent}")
+    return Plan(model=model, name=name, storage=storage, experiment=join(storage, name), space=space,
+                base=base, settings=settings, options=opts)
+
+
+def _check_settings(s: dict[str, Any], space: SearchSpace, search_explicit: bool) -> None:
+    if s["search"] not in SEARCHES:
+        raise UserError(f"--search '{s['search']}' is not valid; {did_you_mean(s['search'], SEARCHES)}")
+    if s["scheduler"] not in SCHEDULERS:
+        raise UserError(f"--scheduler '{s['scheduler']}' is not valid; {did_you_mean(s['scheduler'], SCHEDULERS)}")
+    if s["mode"] not in ("max", "min"):
+        raise UserError(f"sweep mode '{s['mode']}' is not valid; valid: max, min")
+    if s["scheduler"] == "pbt":
+        if s["search"] == "hyperopt":
+            if search_explicit:
+                raise UserError(
+                    "--scheduler pbt cannot be combined with --search hyperopt: PBT chooses configs itself "
+                    "(Ray refuses a searcher with PBT); use --search random or grid with pbt"
+                )
+            s["search"] = "random"
+        if not space.mutate:
+            raise UserError(f"--scheduler pbt needs 'pbt: mutate: [...]' in the search space {space.source}")
+    for key in ("num_samples", "max_epochs", "grace_period", "perturbation_interval", "checkpoint_every"):
+        if not isinstance(s[key], int) or s[key] < 1:
+            raise UserError(f"sweep {key} must be an integer >= 1, got {s[key]!r}")
+    if s["grace_period"] > s["max_epochs"]:
+        raise UserError(f"grace period {s['grace_period']} exceeds max epochs {s['max_epochs']}")
+    if not s["reduction_factor"] > 1:
+        raise UserError(f"reduction factor must be > 1, got {s['reduction_factor']}")
+    if not 0 < s["quantile_fraction"] <= 0.5:
+        raise UserError(f"PBT quantile fraction must be in (0, 0.5], got {s['quantile_fraction']}")
+    if s["scheduler"] == "pbt":
+        # PBT exploits checkpoints: perturb exactly when a checkpoint exists.
+        s["checkpoint_every"] = s["perturbation_interval"]
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in a.items()}
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "columns":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# --- running (Ray) ----------------------------------------------------------------------
+def connect_ray(address: str | None, verbose: int = 1) -> None:
+    """Join a cluster (--address / RAY_ADDRESS), reuse an initialised Ray, or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": verbose > 1}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # 'local' never attaches to an unrelated cluster found in /tmp/ray (ray-notes §5).
+            ray.init(address="local", include_dashboard=False, **kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"cannot connect to Ray at '{address}': {str(exc).splitlines()[0]}") from None
+
+
+def check_resources(gpus_per_trial: float, cpus_per_trial: float) -> dict[str, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if gpus_per_trial > 0 and gpus == 0:
+        raise UserError(
+            f"--gpus-per-trial {gpus_per_trial} but the Ray cluster has no GPUs "
+            f"(resources: {cpus:g} CPU); use --gpus-per-trial 0, or join a GPU cluster with --address"
+        )
+    if gpus_per_trial > gpus > 0:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial} exceeds the cluster's {gpus:g} GPUs")
+    if cpus_per_trial > max(cpus, 0) and cpus > 0 and not _autoscaling():
+        raise UserError(f"--cpus-per-trial {cpus_per_trial} exceeds the cluster's {cpus:g} CPUs")
+    return resources
+
+
+def _autoscaling() -> bool:
+    return bool(os.environ.get("RAYREC_AUTOSCALING"))
+
+
+def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
+    """Plan, run (or resume) and export a sweep. `data` may be passed to skip loading."""
+    if opts.resume:
+        plan = plan_resume(opts)
+    else:
+        plan = plan_sweep(opts)
+    from rayrec.data import load_split
+    from rayrec.storage import check_writable, exists, join, read_yaml, write_yaml
+
+    if not opts.resume:
+        check_writable(plan.storage)
+        if exists(join(plan.experiment, SPEC_FILE)):
+            raise UserError(f"a sweep named '{plan.name}' already exists in {plan.storage}; use --resume or another --name")
+    cfg = build_config(plan.model, plan.base)
+    if data is None:
+        data = load_split(cfg.data)
+    log.info(data.summary())
+    connect_ray(opts.address, opts.verbose)
+    check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
+    if not opts.resume:
+        write_yaml(join(plan.experiment, SPEC_FILE), spec_record(plan, data))
+    results = _fit(plan, data)
+    return export_results(plan, results, data)
+
+
+def spec_record(plan: Plan, data) -> dict[str, Any]:
+    opts = asdict(plan.options)
+    opts.pop("extra_space", None)
+    return {
+        "model": plan.model,
+        "name": plan.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "space": plan.space.to_dict(),
+        "space_fingerprint": plan.space.fingerprint(),
+        "base": plan.base,
+        "settings": plan.settings,
+        "options": opts,
+        "dataset": {"name": data.name, "fingerprint": data.fingerprint},
+    }
+
+
+def plan_resume(opts: SweepOptions) -> Plan:
+    """Rebuild the plan of an existing sweep from its sweep.yaml; refuse a changed space."""
+    from rayrec.storage import exists, join, read_yaml, split_url
+
+    if not opts.name:
+        raise UserError("--resume needs --name NAME of the sweep to continue")
+    storage = opts.storage or default_storage()
+    experiment = join(storage, opts.name)
+    if not exists(join(experiment, SPEC_FILE)):
+        known = _known_sweeps(storage)
+        hint = f"; sweeps in {storage}: {', '.join(known)}" if known else f"; {storage} holds no sweeps"
+        raise UserError(f"no sweep named '{opts.name}' to resume{hint}")
+    spec = read_yaml(join(experiment, SPEC_FILE))
+    space = parse_space(spec["space"], source=f"{experiment}/{SPEC_FILE}")
+    if opts.space is not None or opts.model is not None:
+        given = load_space(opts.model or spec["model"], opts.space)
+        changes = diff_spaces(spec["space"], given.to_dict())
+        if changes:
+            raise UserError(
+                f"cannot resume '{opts.name}' with a changed search space ({'; '.join(changes)}); "
+                "resume without --space, or start a new sweep with --name"
+            )
+    saved = SweepOptions(**{k: v for k, v in spec["options"].items() if k in SweepOptions.__dataclass_fields__})
+    # Resources and connection may differ on resume (another machine, more GPUs); the search may not.
+    for key in ("address", "gpus_per_trial", "cpus_per_trial", "max_concurrent", "verbose", "wandb", "max_failures"):
+        setattr(saved, key, getattr(opts, key))
+    saved.resume, saved.storage, saved.name = True, storage, opts.name
+    saved.extra_space = opts.extra_space
+    return Plan(model=spec["model"], name=opts.name, storage=storage, experiment=experiment, space=space,
+                base=spec["base"], settings=spec["settings"], options=saved)
+
+
+def _known_sweeps(storage: str) -> list[str]:
+    from rayrec.storage import split_url
+
+    try:
+        fs, path = split_url(storage)
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        return sorted(n for n in names if fs.exists(f"{path}/{n}/{SPEC_FILE}"))[:10]
+    except Exception:
+        return []
+
+
+def _fit(plan: Plan, data):
+    from ray import tune
+
+    from rayrec.storage import pyarrow_filesystem
+    from rayrec.tune.trainable import train_trial
+
+    s, opts = plan.settings, plan.options
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_trial, data=data, model=plan.model, base=plan.base,
+            checkpoint_every=s["checkpoint_every"], cpus_per_trial=opts.cpus_per_trial,
+        ),
+        {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+    )
+    param_space = {**plan.space.tune_domains(s["search"]), **opts.extra_space}
+    fs, storage_path = pyarrow_filesystem(plan.storage)
+    run_config = tune.RunConfig(
+        name=plan.name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if s["scheduler"] == "pbt" else 2),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        callbacks=_callbacks(plan),
+        verbose=opts.verbose,
+    )
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "4")
+    if opts.resume:
+        if not tune.Tuner.can_restore(f"{storage_path}/{plan.name}", storage_filesystem=fs):
+            raise UserError(f"sweep '{plan.name}' has no Ray experiment state to resume in {plan.storage}")
+        tuner = tune.Tuner.restore(
+            f"{storage_path}/{plan.name}", trainable=trainable, param_space=param_space,
+            resume_unfinished=True, resume_errored=True, storage_filesystem=fs,
+        )
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(plan), run_config=run_config)
+    return tuner.fit()
+
+
+def _tune_config(plan: Plan):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    s, opts = plan.settings, plan.options
+    metric = f"val_{s['metric']}"
+    if s["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=s["max_epochs"], grace_period=s["grace_period"],
+                                  reduction_factor=s["reduction_factor"])
+    elif s["scheduler"] == "pbt":
+        scheduler = PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=s["perturbation_interval"],
+            hyperparam_mutations=plan.space.pbt_mutations(), quantile_fraction=s["quantile_fraction"],
+            resample_probability=0.25, synch=s["pbt_synch"],
+        )
+    else:
+        scheduler = FIFOScheduler()
+    max_concurrent = opts.max_concurrent
+    num_samples = s["num_samples"]
+    if s["search"] == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        # TPE starts with random points; with a small budget the default 20 would be all of it.
+        searcher = HyperOptSearch(n_initial_points=max(2, min(20, num_samples // 3)), random_state_seed=opts.seed)
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or _slots(opts))
+        max_concurrent = None
+    elif s["search"] == "grid":
+        searcher = BasicVariantGenerator(random_state=opts.seed)
+        num_samples = 1  # a grid is covered exactly once
+    else:
+        searcher = BasicVariantGenerator(random_state=opts.seed)
+    return tune.TuneConfig(metric=metric, mode=s["mode"], num_samples=num_samples, search_alg=searcher,
+                           scheduler=scheduler, max_concurrent_trials=max_concurrent,
+                           reuse_actors=False)
+
+
+def _slots(opts: SweepOptions) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = resources.get("CPU", 1) / opts.cpus_per_trial
+    if opts.gpus_per_trial > 0:
+        slots = min(slots, resources.get("GPU", 0) / opts.gpus_per_trial)
+    return max(1, int(slots))
+
+
+def _callbacks(plan: Plan) -> list:
+    from rayrec.tracking import sweep_callbacks
+
+    return sweep_callbacks(plan)
+
+
+# --- results ----------------------------------------------------------------------------
+def classify(last: dict[str, Any], error: bool, max_epochs: int) -> str:
+    """Why a trial stopped: errored, early_stopped (patience), finished (max epochs) or pruned (scheduler)."""
+    if error:
+        return "errored"
+    reason = last.get("stop_reason") or ""
+    if reason in ("early_stopped", "finished"):
+        return reason
+    if int(last.get("epoch", 0) or 0) >= max_epochs:
+        return "finished"
+    return "pruned"
+
+
+def export_results(plan: Plan, results, data) -> SweepResult:
+    import pandas as pd
+
+    from rayrec.storage import join, write_parquet, write_yaml
+    from rayrec.tune.trainable import evaluate_checkpoint_on_test, resolve_trial_config
+
+    s = plan.settings
+    metric = f"val_{s['metric']}"
+    better = max if s["mode"] == "max" else min
+    rows, history = [], []
+    best_result, best_value = None, None
+    for result in results:
+        frame = result.metrics_dataframe
+        last = dict(result.metrics or {})
+        trial_id = last.get("trial_id") or os.path.basename(result.path or "")
+        if frame is not None and len(frame):
+            frame = frame.copy()
+            frame["trial_id"] = trial_id
+            history.append(frame)
+        values = [v for v in (frame[metric].tolist() if frame is not None and metric in frame else []) if _finite(v)]
+        best = better(values) if values else float("nan")
+        sampled = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
+        row = {
+            "trial_id": trial_id,
+            "status": classify(last, result.error is not None, s["max_epochs"]),
+            "epochs": int(last.get("epoch", 0) or 0),
+            f"best_{metric}": best,
+            f"last_{metric}": last.get(metric, float("nan")),
+            "error": _first_line(result.error),
+            **{f"config/{k}": v for k, v in sampled.items()},
+        }
+        for key in ("val_hr@10", "val_ndcg@10", "val_coverage@10", "train_loss"):
+            if key in last and key != metric:
+                row[f"last_{key}"] = last[key]
+        rows.append(row)
+        if values and (best_value is None or better(best, best_value) == best and best != best_value):
+            best_result, best_value = result, best
+    trials = pd.DataFrame(rows)
+    history_frame = pd.concat(history, ignore_index=True) if history else pd.DataFrame()
+    history_frame = _clean_history(history_frame)
+    write_parquet(join(plan.experiment, "trials.parquet"), trials)
+    write_parquet(join(plan.experiment, "history.parquet"), history_frame)
+
+    best: dict[str, Any] = {}
+    if best_result is not None:
+        last = best_result.metrics or {}
+        threads = max(1, int(math.ceil(plan.options.cpus_per_trial)))
+        resolved = resolve_trial_config(plan.model, plan.base, best_result.config, threads, last.get("device", "cpu"))
+        resolved_dict = resolved.to_dict()
+        if plan.settings["scheduler"] == "pbt":
+            resolved_dict["train"]["device"] = last.get("device", "cpu")
+        write_yaml(join(plan.experiment, "best.yaml"), resolved_dict)
+        best = {
+            "trial_id": last.get("trial_id"),
+            "metric": metric,
+            "value": float(best_value),
+            "config": flatten(resolved_dict),
+        }
+        if plan.options.evaluate_test and best_result.checkpoint is not None:
+            with best_result.checkpoint.as_directory() as d:
+                best["test"] = evaluate_checkpoint_on_test(d, resolved_dict, data)
+    summary = {
+        "name": plan.name,
+        "model": plan.model,
+        "dataset": data.name,
+        "synthetic": bool(data.info.get("synthetic", False)),
+        "fingerprint": data.fingerprint,
+        "search": s["search"],
+        "scheduler": s["scheduler"],
+        "trials": len(trials),
+        "status_counts": trials["status"].value_counts().to_dict() if len(trials) else {},
+        "best": _plain(best),
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_yaml(join(plan.experiment, "summary.yaml"), summary)
+    return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best)
+
+
+def _clean_history(frame):
+    if not len(frame):
+        return frame
+    keep = [c for c in frame.columns if not c.startswith("config/") and c not in ("hostname", "node_ip", "date", "timestamp", "time_since_restore", "iterations_since_restore", "done", "checkpoint_dir_name", "should_checkpoint")]
+    frame = frame[keep]
+    # Parquet needs one type per column; mixed object columns become strings.
+    for c in frame.columns:
+        if frame[c].dtype == object:
+            frame[c] = frame[c].astype(str)
+    return frame
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _first_line(error) -> str:
+    if error is None:
+        return ""
+    text = str(error).strip().splitlines()
+    return text[-1][:300] if text else type(error).__name__
+
+
+def _plain(obj):
+    """YAML-safe copy: numpy scalars to Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except (ValueError, AttributeError):
+            return obj
+    return obj
+
+
+def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
+    trials = result.trials
+    if not len(trials):
+        return "no trials"
+    col = f"best_val_{metric}"
+    ordered = trials.sort_values(col, ascending=False, na_position="last").head(top)
+    cfg_cols = [c for c in ordered.columns if c.startswith("config/")]
+    header = f"{'trial':<14}{'status':<14}{'epochs':>6}  {metric:>10}  " + "  ".join(c.split('/', 1)[1] for c in cfg_cols)
+    lines = [header]
+    for _, r in ordered.iterrows():
+        params = "  ".join(_fmt(r[c]) for c in cfg_cols)
+        lines.append(f"{str(r['trial_id']):<14}{r['status']:<14}{int(r['epochs']):>6}  {r[col]:>10.4f}  {params}")
+    counts = trials["status"].value_counts().to_dict()
+    lines.append("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)

@@ -1,0 +1,219 @@
+"""Readers and named datasets: every format on tiny files, bad input, the real shared files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rayrec.config import DataConfig
+from rayrec.data import datasets, load_split, readers
+from rayrec.errors import UserError
+
+SHARED = datasets.shared_data_dir()
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_grouplens_reads_tab_separated_rows(tmp_path):
+    path = write(tmp_path / "u.data", "1\t10\t5\t100\n2\t20\t3\t99\n")
+    frame = readers.read_interactions(path, "grouplens")
+    assert frame.columns.tolist() == ["user", "item", "rating", "timestamp"]
+    assert frame["user"].tolist() == [1, 2] and frame["item"].tolist() == [10, 20]
+    assert frame["rating"].tolist() == [5.0, 3.0] and frame["timestamp"].tolist() == [100.0, 99.0]
+    assert readers.is_ordered(frame, "grouplens")
+
+
+def test_ml1m_reads_double_colon_rows(tmp_path):
+    path = write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n")
+    frame = readers.read_interactions(path, "ml-1m")
+    assert frame["item"].tolist() == [1193, 661]
+    assert frame["timestamp"].tolist() == [978300760.0, 978302109.0]
+
+
+def test_inter_maps_recbole_header(tmp_path):
+    text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\ti1\t4\t10\nu2\ti1\t2\t11\n"
+    frame = readers.read_interactions(write(tmp_path / "x.inter", text), "inter")
+    assert frame.columns.tolist() == ["user", "item", "timestamp", "rating"]
+    assert frame["user"].tolist() == ["u1", "u2"] and frame["rating"].tolist() == [4.0, 2.0]
+
+
+def test_inter_without_timestamp_column_is_unordered(tmp_path):
+    frame = readers.read_interactions(write(tmp_path / "x.inter", "user_id:token\titem_id:token\n1\t2\n"), "inter")
+    assert frame.columns.tolist() == ["user", "item"]
+    assert not readers.is_ordered(frame, "inter")
+
+
+def test_pairs_keep_line_order_as_time_order(tmp_path):
+    frame = readers.read_interactions(write(tmp_path / "p.txt", "1 5\n1 3\n2 7\n"), "pairs")
+    assert frame.columns.tolist() == ["user", "item"]
+    assert frame["item"].tolist() == [5, 3, 7]
+    assert readers.is_ordered(frame, "pairs")
+
+
+def test_sequences_expand_one_line_per_user(tmp_path):
+    frame = readers.read_interactions(write(tmp_path / "s.txt", "1 5 3 9\n2 7\n3\n"), "sequences")
+    assert frame["user"].tolist() == [1, 1, 1, 2]
+    assert frame["item"].tolist() == [5, 3, 9, 7]
+    assert readers.is_ordered(frame, "sequences")
+
+
+def test_csv_uses_column_mapping(tmp_path):
+    path = write(tmp_path / "x.csv", "uid,mid,when,stars\na,x,3,1.5\nb,y,1,4\n")
+    frame = readers.read_interactions(path, "csv", {"user": "uid", "item": "mid", "timestamp": "when", "rating": "stars"})
+    assert frame.columns.tolist() == ["user", "item", "timestamp", "rating"]
+    assert frame["timestamp"].tolist() == [3.0, 1.0]
+
+
+def test_csv_without_timestamp_is_unordered_and_dates_parse(tmp_path):
+    frame = readers.read_interactions(write(tmp_path / "x.csv", "user,item\n1,2\n"), "csv")
+    assert not readers.is_ordered(frame, "csv")
+    dated = readers.read_interactions(write(tmp_path / "d.csv", "user,item,timestamp\n1,2,1970-01-02\n"), "csv")
+    assert dated["timestamp"].tolist() == [86400.0]
+
+
+def test_parquet_and_gzip_through_fsspec(tmp_path):
+    pd.DataFrame({"u": [1, 2], "i": [3, 4], "t": [5, 6]}).to_parquet(tmp_path / "x.parquet")
+    frame = readers.read_interactions(str(tmp_path / "x.parquet"), "parquet", {"user": "u", "item": "i", "timestamp": "t"})
+    assert frame["item"].tolist() == [3, 4] and readers.is_ordered(frame, "parquet")
+    with gzip.open(tmp_path / "u.data.gz", "wt") as fh:
+        fh.write("1\t2\t3\t4\n")
+    assert readers.infer_format(str(tmp_path / "u.data.gz")) == "grouplens"
+    assert readers.read_interactions(f"file://{tmp_path}/u.data.gz", "grouplens")["item"].tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    "name, fmt",
+    [("u.data", "grouplens"), ("a/ratings.dat", "ml-1m"), ("x.inter", "inter"), ("x.csv", "csv"),
+     ("x.tsv.gz", "csv"), ("x.parquet", "parquet"), ("x.txt", None)],
+)
+def test_infer_format_from_file_name(name, fmt):
+    assert readers.infer_format(name) == fmt
+
+
+# --- bad input: one clear UserError line each -----------------------------------------
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = str(tmp_path / "nope" / "u.data")
+    with pytest.raises(UserError, match="not found: .*nope/u.data"):
+        load_split(DataConfig(name=missing, cache_dir=str(tmp_path / "cache")))
+
+
+def test_garbled_file_names_format_and_layout(tmp_path):
+    path = write(tmp_path / "u.data", "user,item,rating\n1,2,3\n")
+    with pytest.raises(UserError, match="as format 'grouplens': expected tab-separated 'user item rating timestamp'"):
+        readers.read_interactions(path, "grouplens")
+    with pytest.raises(UserError, match="non-numeric rating"):
+        readers.read_interactions(write(tmp_path / "v.data", "1\t2\tgood\t4\n"), "grouplens")
+    with pytest.raises(UserError, match="as format 'sequences'"):
+        readers.read_interactions(write(tmp_path / "s.txt", "a,b,c\nd,e\n"), "sequences")
+    with pytest.raises(UserError, match="as format 'parquet'"):
+        readers.read_interactions(write(tmp_path / "x.parquet", "not parquet"), "parquet")
+
+
+def test_missing_column_names_it_and_the_columns_present(tmp_path):
+    path = write(tmp_path / "x.csv", "uid,mid\n1,2\n")
+    with pytest.raises(UserError, match=r"'user'.* not in .*x.csv; columns present: uid, mid"):
+        readers.read_interactions(path, "csv")
+    with pytest.raises(UserError, match=r"data.columns.timestamp='ts' is not in .*columns present: uid, mid"):
+        readers.read_interactions(path, "csv", {"user": "uid", "item": "mid", "timestamp": "ts"})
+    with pytest.raises(UserError, match="item_id.*columns present: user_id, rating"):
+        readers.read_interactions(write(tmp_path / "x.inter", "user_id:token\trating:float\n1\t2\n"), "inter")
+
+
+def test_unknown_format_lists_valid_formats(tmp_path):
+    path = write(tmp_path / "x.txt", "1 2\n")
+    with pytest.raises(UserError, match="unknown data.format 'jsonl'; valid: .*grouplens.*sequences"):
+        load_split(DataConfig(name=path, format="jsonl", cache_dir=str(tmp_path / "c")))
+    with pytest.raises(UserError, match="cannot tell the format .*set data.format"):
+        load_split(DataConfig(name=path, cache_dir=str(tmp_path / "c")))
+
+
+def test_unknown_named_dataset_lists_named_ones(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset 'ml-10m'.*valid: .*ml-100k.*synthetic"):
+        load_split(DataConfig(name="ml-10m", cache_dir=str(tmp_path)))
+
+
+def test_format_with_named_dataset_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="data.format='csv' applies to paths"):
+        load_split(DataConfig(name="synthetic", format="csv", cache_dir=str(tmp_path)))
+
+
+def test_missing_shared_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYREC_SHARED_DATA", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="'beauty' reads .*empty/beauty/Beauty.txt.*RAYREC_SHARED_DATA"):
+        load_split(DataConfig(name="beauty", cache_dir=str(tmp_path / "c")))
+
+
+# --- gsasrec pre-split folders ---------------------------------------------------------
+
+
+def test_gsasrec_folder_builds_leave_one_out(tmp_path):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    write(folder / "train_input.txt", "1 2 3\n4 5\n2 6\n")
+    write(folder / "val_input.txt", "4 5 7\n")  # user 1 (0-based): train + one more item
+    write(folder / "val_output.txt", "8\n")
+    write(folder / "test_output.txt", "9\n3\n1\n")
+    split = load_split(DataConfig(name=str(folder), cache_dir=str(tmp_path / "c")))  # format inferred
+    assert (split.n_users, split.n_items, split.ordered) == (3, 9, True)
+    assert split.train.row(1).tolist() == [4, 5, 7] and split.valid.row(1).tolist() == [8]
+    assert split.valid.lengths().tolist() == [0, 1, 0]
+    assert split.test.row(0).tolist() == [9]
+    assert split.history("test").row(1).tolist() == [4, 5, 7, 8]
+    with pytest.raises(UserError, match="comes already split .*data.split must be loo"):
+        load_split(DataConfig(name=str(folder), split="ratio", cache_dir=str(tmp_path / "c")))
+
+
+# --- the real shared files (skipped where the folder is absent) ------------------------
+
+
+def needs(relative: str):
+    return pytest.mark.skipif(not (SHARED / relative).exists(), reason=f"shared data {SHARED / relative} not present")
+
+
+@needs("ml-100k/ml-100k.inter")
+def test_real_ml100k_inter_before_k_core(tmp_path):
+    split = load_split(
+        DataConfig(name=str(SHARED / "ml-100k/ml-100k.inter"), user_core=0, item_core=0, cache_dir=str(tmp_path))
+    )
+    assert (split.n_users, split.n_items, split.info["n_interactions"]) == (943, 1682, 100_000)
+    assert split.info["format"] == "inter" and split.ordered
+
+
+@needs("ml-1m-gsasrec/train_input.txt")
+def test_real_ml1m_gsasrec(tmp_path):
+    split = load_split(DataConfig(name="ml-1m-gsasrec", cache_dir=str(tmp_path)))
+    assert (split.n_users, split.n_items) == (6040, 3416)
+    assert len(split.eval_users("valid")) == 512 and len(split.eval_users("test")) == 6040
+    # README: 994,083 of ML-1M's interactions are recoverable from the files.
+    assert split.info["n_interactions"] == 994_083
+
+
+@needs("beauty/Beauty.txt")
+def test_real_beauty(tmp_path):
+    split = load_split(DataConfig(name="beauty", cache_dir=str(tmp_path)))
+    assert (split.n_users, split.n_items, split.info["n_interactions"]) == (22_363, 12_101, 198_502)
+    assert split.info["format"] == "sequences" and split.info["split"]["kind"] == "loo"
+    users = split.eval_users("test")
+    assert len(users) == 22_363
+    # No test target was seen in training (de-duplication + leave-one-out).
+    width = split.n_items + 1
+    test_pairs = users * width + split.test.items[split.test.indptr[users]]
+    assert not np.isin(test_pairs, split.train.rows() * width + split.train.items).any()
+
+
+def test_shared_data_dir_defaults_next_to_repo(monkeypatch):
+    monkeypatch.delenv("RAYREC_SHARED_DATA", raising=False)
+    repo_root = Path(datasets.__file__).resolve().parents[2]
+    assert datasets.shared_data_dir() == repo_root.parent / "shared" / "data"
+    monkeypatch.setenv("RAYREC_SHARED_DATA", os.sep + "elsewhere")
+    assert datasets.shared_data_dir() == Path(os.sep + "elsewhere")

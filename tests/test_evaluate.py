@@ -1,0 +1,235 @@
+"""Full-ranking evaluation with a fixed-score model, and the popularity baseline."""
+
+from math import log2
+
+import numpy as np
+import pytest
+import torch
+
+from rayrec.data.types import CSR, SplitData
+from rayrec.models import build_model, get_model_spec
+from rayrec.models.base import RecModel
+from rayrec.models.pop import PopConfig, Popularity
+from rayrec.train.evaluate import (
+    evaluate,
+    evaluate_on_train,
+    history_mask_indices,
+    item_hash,
+    split_last_item,
+)
+
+NEG = -1.0
+
+
+def make_data(train, valid, test, n_items) -> SplitData:
+    return SplitData(
+        name="tiny",
+        n_users=len(train),
+        n_items=n_items,
+        train=CSR.from_lists(train),
+        valid=CSR.from_lists(valid),
+        test=CSR.from_lists(test),
+        ordered=True,
+        fingerprint="0" * 16,
+    )
+
+
+class FixedScores(RecModel):
+    """Returns a fixed [n_users, n_items + 1] table; records the mode it was called in."""
+
+    kind = "static"
+
+    def __init__(self, table, data):
+        super().__init__(None, data)
+        self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32))
+        self.modes = []
+
+    def score(self, batch):
+        self.modes.append(self.training)
+        return self.table[batch["users"]]
+
+
+@pytest.fixture
+def tiny():
+    # users 0..3, items 1..6
+    data = make_data(
+        train=[[1, 2], [3], [4, 5], [1]],
+        valid=[[3], [], [6], [2]],  # user 1 has no validation target
+        test=[[4], [5], [1], [3]],
+        n_items=6,
+    )
+    # Column 0 (padding) and history items get the highest scores: masking must remove them.
+    table = [
+        [100, 90, 80, 5, 7, 1, 0],  # valid: masked {1,2}; ranking 4,3,5,6 -> target 3 at rank 2
+        [100, 1, 2, 3, 4, 5, 6],
+        [100, 3, 2, 1, 90, 80, 10],  # masked {4,5}; ranking 6,1,2,3 -> target 6 at rank 1
+        [100, 90, 1, 2, 3, 4, 5],  # masked {1}; ranking 6,5,4,3,2 -> target 2 at rank 5
+    ]
+    return data, FixedScores(table, data)
+
+
+def test_full_ranking_worked_example(tiny):
+    data, model = tiny
+    r = evaluate(model, data, "valid", ks=[1, 5], device="cpu")
+    assert r["n_users"] == 3  # user 1 has no validation target
+    assert r["hr@1"] == pytest.approx(1 / 3)
+    assert r["hr@5"] == pytest.approx(1)
+    assert r["recall@5"] == pytest.approx(1)
+    assert r["precision@1"] == pytest.approx(1 / 3)
+    assert r["precision@5"] == pytest.approx(3 / 15)
+    assert r["ndcg@1"] == pytest.approx(1 / 3)
+    assert r["ndcg@5"] == pytest.approx((1 / log2(3) + 1 + 1 / log2(6)) / 3)
+    assert r["mrr@5"] == pytest.approx((1 / 2 + 1 + 1 / 5) / 3)
+    assert r["avg_rank"] == pytest.approx((2 + 1 + 5) / 3)
+    # top-1 lists: item 4, item 6, item 6 -> never column 0 (100) nor a history item (90)
+    assert r["coverage@1"] == pytest.approx(2 / 6)
+    assert r["coverage@5"] == pytest.approx(6 / 6)
+    assert not any(k.startswith("sampled_") for k in r)
+
+
+def test_test_split_masks_validation_items_too(tiny):
+    data, _ = tiny
+    # user 0 on test: history = train + valid = {1, 2, 3}; item 3 outscores the target 4
+    model = FixedScores([[100, 90, 80, 70, 7, 1, 0]] * 4, data)
+    r = evaluate(model, data, "test", ks=[1], device="cpu", users=np.array([0]))
+    assert r["hr@1"] == 1.0
+
+
+def test_catalogue_smaller_than_k_never_recommends_padding(tiny):
+    data, model = tiny
+    r = evaluate(model, data, "valid", ks=[10], device="cpu")
+    assert r["hr@10"] == 1.0
+    assert r["precision@10"] == pytest.approx(1 / 10)
+    assert r["coverage@10"] <= 1.0
+
+
+def test_nan_scores_rank_last(tiny):
+    data, _ = tiny
+    model = FixedScores(np.full((4, 7), np.nan), data)
+    r = evaluate(model, data, "valid", ks=[5], device="cpu")
+    assert r["hr@5"] == 0.0 and r["coverage@5"] == 0.0
+
+
+def test_users_without_targets_are_skipped_and_empty_gives_nan(tiny):
+    data, model = tiny
+    default = evaluate(model, data, "valid", ks=[1, 5], device="cpu")
+    explicit = evaluate(model, data, "valid", ks=[1, 5], device="cpu", users=np.array([0, 1, 2, 3]))
+    assert explicit == default
+    empty = evaluate(model, data, "valid", ks=[1], device="cpu", users=np.array([1]))
+    assert empty["n_users"] == 0 and np.isnan(empty["hr@1"])
+
+
+def test_runs_in_eval_mode_and_restores_mode(tiny):
+    data, model = tiny
+    model.train()
+    evaluate(model, data, "valid", ks=[1], device="cpu")
+    assert model.modes and not any(model.modes)
+    assert model.training
+    model.eval()
+    evaluate(model, data, "valid", ks=[1], device="cpu")
+    assert not model.training
+
+
+@pytest.fixture
+def random_case():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 60, 30
+    train = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(1, 12), replace=False) for _ in range(n_users)]
+    valid = [rng.choice(np.arange(1, n_items + 1), size=rng.integers(0, 3), replace=False) for _ in range(n_users)]
+    test = [rng.choice(np.arange(1, n_items + 1), size=1) for _ in range(n_users)]
+    data = make_data(train, valid, test, n_items)
+    return data, FixedScores(rng.normal(size=(n_users, n_items + 1)), data)
+
+
+def test_batch_size_does_not_change_results(random_case):
+    data, model = random_case
+    for split in ("valid", "test"):
+        one = evaluate(model, data, split, ks=[1, 5, 10], device="cpu", batch_size=1, sampled_negatives=5)
+        many = evaluate(model, data, split, ks=[1, 5, 10], device="cpu", batch_size=100, sampled_negatives=5)
+        assert one.keys() == many.keys()
+        for key in one:
+            assert one[key] == pytest.approx(many[key], abs=1e-9), key
+
+
+def test_sampled_metrics_labelled_and_deterministic_by_seed(random_case):
+    data, model = random_case
+    a = evaluate(model, data, "test", ks=[1, 5], device="cpu", sampled_negatives=5, seed=3)
+    b = evaluate(model, data, "test", ks=[1, 5], device="cpu", sampled_negatives=5, seed=3)
+    assert a == b
+    sampled = {k for k in a if k.startswith("sampled_")}
+    assert sampled == {f"sampled_{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5)}
+    # sampled figures sit beside, never replace, the full-ranking ones
+    assert {"hr@5", "ndcg@5", "mrr@5"} <= a.keys()
+    assert a["sampled_hr@5"] >= a["hr@5"]
+    keys_3 = item_hash(3, torch.arange(4), 50)
+    assert torch.equal(keys_3, item_hash(3, torch.arange(4), 50))
+    assert not torch.equal(keys_3, item_hash(4, torch.arange(4), 50))
+
+
+def test_sampled_negatives_exclude_history_and_targets(tiny):
+    data, model = tiny
+    # user 0 (valid): history {1, 2}, target 3 -> the only allowed negatives are {4, 5, 6},
+    # scored 7, 1, 0 against the target's 5 -> rank 2. Asking for more than exist
+    # leaves empty slots that must not count.
+    for n in (3, 10):
+        r = evaluate(model, data, "valid", ks=[1, 5], device="cpu", users=np.array([0]), sampled_negatives=n)
+        assert r["sampled_hr@1"] == 0.0
+        assert r["sampled_mrr@5"] == pytest.approx(1 / 2)
+
+
+def test_item_hash_samples_items_uniformly():
+    keys = item_hash(0, torch.arange(20000), 11)[:, 1:]  # 10 items
+    picked = keys.topk(3, dim=1).indices
+    freq = torch.bincount(picked.reshape(-1), minlength=10).float() / 20000
+    assert torch.allclose(freq, torch.full((10,), 0.3), atol=0.02)
+
+
+def test_history_mask_indices_pads_with_zero():
+    csr = CSR.from_lists([[5, 6, 7], [], [2]])
+    idx = history_mask_indices(csr, np.array([2, 0, 1]))
+    assert idx.dtype == torch.long
+    assert idx.tolist() == [[2, 0, 0], [5, 6, 7], [0, 0, 0]]
+
+
+def test_evaluate_on_train_ranks_last_training_item(tiny):
+    data, model = tiny
+    head, tail = split_last_item(data.train)
+    assert [head.row(u).tolist() for u in range(4)] == [[1], [], [4], []]
+    assert [tail.row(u).tolist() for u in range(4)] == [[2], [3], [5], [1]]
+    # users 1 and 3 have a single training item and are skipped; user 0: history {1},
+    # target 2 (80) is top once 1 is masked; user 2: history {4}, target 5 (80) likewise
+    r = evaluate_on_train(model, data, np.arange(4), ks=[1], device="cpu")
+    assert r["n_users"] == 2
+    assert r["hr@1"] == 1.0
+
+
+def test_popularity_ranks_by_training_counts():
+    data = make_data(
+        train=[[1, 2, 3], [2, 3], [3], []],
+        valid=[[4], [1], [2], [5]],
+        test=[[5], [4], [1], [3]],
+        n_items=6,
+    )
+    assert get_model_spec("pop").model_cls is Popularity
+    model = build_model("pop", PopConfig(), data)
+    assert model.kind == "static" and not model.trainable
+    assert list(model.parameters()) == [] and "counts" in dict(model.named_buffers())
+    assert list(model.train_batches(data, 8, np.random.default_rng(0))) == []
+    with pytest.raises(RuntimeError):
+        model.loss({})
+    scores = model.score({"users": torch.tensor([0, 3])})
+    assert scores.shape == (2, 7)
+    # counts: item 1 once, item 2 twice, item 3 three times, items 4-6 never
+    assert scores[1].tolist() == [float("-inf"), 1, 2, 3, 0, 0, 0]
+    # valid (user 0 left out: its target competes with items tied at 0):
+    # user 1: history {2, 3}, ranking 1, then ties -> target 1 at rank 1
+    # user 2: history {3}, ranking 2, 1 -> target 2 at rank 1
+    # user 3: no history, ranking 3, 2, 1 -> target 5 (count 0) outside the top 3
+    r = evaluate(model, data, "valid", ks=[1, 3], device="cpu", users=np.array([1, 2, 3]))
+    assert r["n_users"] == 3
+    assert r["hr@1"] == pytest.approx(2 / 3)
+    assert r["hr@3"] == pytest.approx(2 / 3)
+    assert r["coverage@1"] == pytest.approx(3 / 6)  # items 1, 2 and 3
+    # test split, user 3's history is {5}: the ranking starts 3 -> target 3 at rank 1
+    r = evaluate(model, data, "test", ks=[1], device="cpu", users=np.array([3]))
+    assert r["hr@1"] == 1.0
