@@ -72,11 +72,26 @@ def test_csv_uses_column_mapping(tmp_path):
     assert frame["timestamp"].tolist() == [3.0, 1.0]
 
 
+def test_numeric_ids_read_as_integers_so_2_sorts_before_10(tmp_path):
+    path = write(tmp_path / "x.csv", "user,item\n10,2\n2,10\n")
+    frame = readers.read_interactions(path, "csv")
+    assert frame["user"].dtype == np.int64 and frame["item"].dtype == np.int64
+    inter = readers.read_interactions(write(tmp_path / "x.inter", "user_id:token\titem_id:token\nu10\t7\n"), "inter")
+    assert inter["user"].tolist() == ["u10"] and inter["item"].tolist() == [7]
+
+
 def test_csv_without_timestamp_is_unordered_and_dates_parse(tmp_path):
     frame = readers.read_interactions(write(tmp_path / "x.csv", "user,item\n1,2\n"), "csv")
     assert not readers.is_ordered(frame, "csv")
     dated = readers.read_interactions(write(tmp_path / "d.csv", "user,item,timestamp\n1,2,1970-01-02\n"), "csv")
     assert dated["timestamp"].tolist() == [86400.0]
+
+
+def test_csv_without_timestamps_loads_unordered(tmp_path):
+    path = write(tmp_path / "x.csv", "user,item\n" + "".join(f"{u},{i}\n" for u in range(5) for i in range(5)))
+    split = load_split(DataConfig(name=path, user_core=0, item_core=0, cache_dir=str(tmp_path / "c")))
+    assert not split.ordered and split.info["ordered"] is False
+    assert split.test.nnz == 5 and split.valid.nnz == 5
 
 
 def test_parquet_and_gzip_through_fsspec(tmp_path):

@@ -29,6 +29,18 @@ def last_items(history: CSR, users: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
+def trim_padding(seq: np.ndarray, keep: int = 1) -> np.ndarray:
+    """Drop leading columns that are padding in every row (keeping at least `keep` columns).
+
+    Rows are left-padded to the longest allowed length; most batches are far shorter, and
+    attention cost grows with the square of the width. Models that index positions from
+    the most recent item (see transformer.py) see identical inputs after trimming.
+    """
+    used = np.flatnonzero(seq.any(axis=0))
+    start = min(int(used[0]) if len(used) else seq.shape[1], seq.shape[1] - keep)
+    return seq[:, max(start, 0):]
+
+
 def sequence_batches(
     train: CSR, length: int, batch_size: int, rng: np.random.Generator, min_length: int = 2
 ) -> Iterator[np.ndarray]:
@@ -40,7 +52,7 @@ def sequence_batches(
     users = np.flatnonzero(train.lengths() >= min_length)
     users = users[rng.permutation(len(users))]
     for start in range(0, len(users), batch_size):
-        yield last_items(train, users[start : start + batch_size], length)
+        yield trim_padding(last_items(train, users[start : start + batch_size], length), keep=2)
 
 
 def sample_negatives(

@@ -134,15 +134,18 @@ def gsasrec_source(directory: str, name: str | None = None) -> Source:
     def read_split() -> SplitData:
         train_rows, val_inputs, val_outputs, test_outputs = (_int_lines(blobs[f], f"{base}/{f}") for f in GSASREC_FILES)
         n_users = len(train_rows)
-        if len(test_outputs) != n_users or len(val_inputs) != len(val_outputs) or any(len(t) != 1 for t in test_outputs + val_outputs):
-            raise UserError(f"cannot read {base} as format 'gsasrec': expected {GSASREC_LAYOUT} (line counts disagree)")
+        one_target_each = all(len(t) == 1 for t in test_outputs + val_outputs)
+        if len(test_outputs) != n_users or len(val_inputs) != len(val_outputs) or not one_target_each:
+            raise UserError(f"cannot read {base} as format 'gsasrec': expected {GSASREC_LAYOUT} (line counts disagree or a target line has several items)")
         # val_input lines carry no user id: a line is the user's train_input plus one item.
         user_of = {tuple(row): u for u, row in enumerate(train_rows)}
         valid_rows: list[list[int]] = [[] for _ in range(n_users)]
         for val_input, val_output in zip(val_inputs, val_outputs):
             user = user_of.get(tuple(val_input[:-1]))
             if user is None:
-                raise UserError(f"cannot read {base} as format 'gsasrec': a val_input.txt line extends no train_input.txt line")
+                raise UserError(
+                    f"cannot read {base} as format 'gsasrec': a val_input.txt line extends no train_input.txt line"
+                )
             train_rows[user] = val_input
             valid_rows[user] = val_output
         train, valid, test = CSR.from_lists(train_rows), CSR.from_lists(valid_rows), CSR.from_lists(test_outputs)
@@ -218,9 +221,9 @@ DOWNLOADS: dict[str, Download] = {
         "ml-100k.zip", "552a5ef951d45d406608698c107c1dbee3728de63232080ff476df7c88dab3c5", "ml-100k/u.data", "grouplens"
     ),
     # GroupLens publishes only an MD5 for this archive (ml-1m.zip.md5: c4d9eecfca2ab87c1945afe126590906).
-    # This SHA-256 of the same archive is the one the project issue gives and other projects
-    # pin (e.g. TensorFlow's MovieLens examples); it was not recomputed here (no network).
-    # If it were wrong, the download fails with a checksum error naming both values.
+    # This SHA-256 is the one the project issue gives; public projects pin the same value,
+    # some noting that their archive's MD5 matched GroupLens'. Not recomputed here (no
+    # network); were it wrong, the download fails with a checksum error naming both values.
     "ml-1m": Download(
         "ml-1m.zip", "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20", "ml-1m/ratings.dat", "ml-1m"
     ),
@@ -332,7 +335,9 @@ def resolve_source(cfg: DataConfig) -> Source:
     if fmt is None and os.path.isdir(name) and os.path.exists(os.path.join(name, GSASREC_FILES[0])):
         fmt = "gsasrec"
     if fmt is None:
-        raise UserError(f"cannot tell the format of {name} from its name; set data.format to one of: {', '.join(valid_formats)}")
+        raise UserError(
+            f"cannot tell the format of {name} from its name; set data.format to one of: {', '.join(valid_formats)}"
+        )
     if fmt in PRESPLIT_FORMATS:
         return PRESPLIT_FORMATS[fmt](name, None)
     if fmt not in readers.PARSERS:
@@ -487,7 +492,9 @@ def load_split(cfg: DataConfig) -> SplitData:
     cache = cache_root(cfg)
     source = resolve_source(cfg)
     if source.read_split is not None and cfg.split != "loo":
-        raise UserError(f"dataset '{source.name}' comes already split (leave-one-out); data.split must be loo, got '{cfg.split}'")
+        raise UserError(
+            f"dataset '{source.name}' comes already split (leave-one-out); data.split must be loo, got '{cfg.split}'"
+        )
     fp = fingerprint(source, cfg)
     split = read_cached_split(cache, fp)
     if split is None:
@@ -496,9 +503,13 @@ def load_split(cfg: DataConfig) -> SplitData:
         write_cached_split(cache, split)
     else:
         log.debug("split %s read from the cache", fp[:12])
-    split.info["cache_path"] = str(cache / "splits" / fp)
+    # The cache is keyed by content, so a moved or renamed file hits it: report where it came from now.
+    split.name = source.name
+    split.info.update(source=source.location, cache_path=str(cache / "splits" / fp))
     no_train = split.info.get("split", {}).get("users_without_train", 0)
     if no_train:
         # Kept, not dropped: they still have targets, and a model scores them from no history.
-        log.warning("%s: %d user(s) have no training interactions (kept; scored from an empty history)", split.name, no_train)
+        log.warning(
+            "%s: %d user(s) have no training interactions (kept; scored from an empty history)", split.name, no_train
+        )
     return split

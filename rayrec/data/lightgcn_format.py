@@ -8,8 +8,9 @@ protocol"), in one of three folder layouts:
     (b) train.txt + test.txt       one line per user: `user item item ...`, 0-based ids.
     (c) data1.txt + test1.txt      LastFM (LightGCN-PyTorch): rows `user<TAB>item<TAB>weight`.
 
-test.txt is always one line per user, 0-based. Item ids become 1..n_items (id + 1; 0 is
-padding, see rayrec.data.types).
+In (a) and (b) test.txt is one line per user, 0-based like train.txt. In (c) the ids are
+compacted over both files (LightGCN-PyTorch ships them 1-based). Item ids become
+1..n_items (0-based id + 1; 0 is padding, see rayrec.data.types).
 
 The files hold no validation set, and selection must be on validation, never on test
 (field-lessons §8). So a seeded share `valid_ratio` of each user's training items is carved

@@ -35,7 +35,7 @@ def read_bytes(path: str) -> bytes:
     except FileNotFoundError:
         raise UserError(f"data file not found: {path}") from None
     except IsADirectoryError:
-        raise UserError(f"data path {path} is a directory; expected a file (or set data.format for a folder format)") from None
+        raise UserError(f"data path {path} is a directory; expected a file, or data.format set to a folder format") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read data file {path}: {exc}") from None
 
@@ -82,8 +82,7 @@ def _fixed_columns(data: bytes, path: str, fmt: str, layout: str, names: tuple[s
         raise _garbled(path, fmt, layout, "some rows have missing fields")
     frame.columns = list(names)
     for id_column in ("user", "item"):
-        if frame[id_column].dtype == object:
-            frame[id_column] = _ids(frame[id_column])
+        frame[id_column] = _ids(frame[id_column])
     for column in ("rating", "timestamp"):
         if column in frame:
             frame[column] = _numeric(frame[column], column, path, fmt, layout)
@@ -92,6 +91,8 @@ def _fixed_columns(data: bytes, path: str, fmt: str, layout: str, names: tuple[s
 
 def _ids(series: pd.Series) -> pd.Series:
     """Integer ids where every id is an integer, so re-indexing sorts 2 before 10; else strings."""
+    if pd.api.types.is_integer_dtype(series):
+        return series.astype(np.int64)
     as_int = pd.to_numeric(series, errors="coerce")
     if as_int.isna().any() or (as_int != np.floor(as_int)).any():
         return series.astype(str)
@@ -100,7 +101,10 @@ def _ids(series: pd.Series) -> pd.Series:
 
 GROUPLENS_LAYOUT = "tab-separated 'user item rating timestamp' rows without a header (ML-100K u.data)"
 ML1M_LAYOUT = "'user::item::rating::timestamp' rows (ML-1M ratings.dat)"
-INTER_LAYOUT = "a RecBole .inter file: a tab-separated header such as 'user_id:token item_id:token rating:float timestamp:float', then rows"
+INTER_LAYOUT = (
+    "a RecBole .inter file: a tab-separated header such as "
+    "'user_id:token item_id:token rating:float timestamp:float', then rows"
+)
 PAIRS_LAYOUT = "one 'user item' pair per line, whitespace-separated, in time order (SASRec format)"
 SEQUENCES_LAYOUT = "one 'user item1 item2 ...' line per user, whitespace-separated, in time order (S3-Rec format)"
 CSV_LAYOUT = "a CSV file with a header row naming the columns given in data.columns"
@@ -147,7 +151,7 @@ def parse_inter(data: bytes, path: str, columns: dict[str, str]) -> pd.DataFrame
     # RecBole headers carry a type after the name ('user_id:token'); the name is what maps.
     frame.columns = [str(c).split(":", 1)[0] for c in frame.columns]
     defaults = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rating": "rating"}
-    return _select_columns(frame, columns, defaults, path, "inter")
+    return _select_columns(frame, columns, defaults, path, "inter", INTER_LAYOUT)
 
 
 def parse_csv(data: bytes, path: str, columns: dict[str, str]) -> pd.DataFrame:
@@ -156,7 +160,7 @@ def parse_csv(data: bytes, path: str, columns: dict[str, str]) -> pd.DataFrame:
         frame = pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise _garbled(path, "csv", CSV_LAYOUT, str(exc).strip().splitlines()[-1]) from None
-    return _select_columns(frame, columns, {c: c for c in STANDARD_COLUMNS}, path, "csv")
+    return _select_columns(frame, columns, {c: c for c in STANDARD_COLUMNS}, path, "csv", CSV_LAYOUT)
 
 
 def parse_parquet(data: bytes, path: str, columns: dict[str, str]) -> pd.DataFrame:
@@ -166,11 +170,11 @@ def parse_parquet(data: bytes, path: str, columns: dict[str, str]) -> pd.DataFra
         frame = pd.read_parquet(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise _garbled(path, "parquet", PARQUET_LAYOUT, str(exc).strip().splitlines()[-1]) from None
-    return _select_columns(frame, columns, {c: c for c in STANDARD_COLUMNS}, path, "parquet")
+    return _select_columns(frame, columns, {c: c for c in STANDARD_COLUMNS}, path, "parquet", PARQUET_LAYOUT)
 
 
 def _select_columns(
-    frame: pd.DataFrame, columns: dict[str, str], defaults: dict[str, str], path: str, fmt: str
+    frame: pd.DataFrame, columns: dict[str, str], defaults: dict[str, str], path: str, fmt: str, layout: str
 ) -> pd.DataFrame:
     """Rename the file's columns to user/item/timestamp/rating.
 
@@ -190,12 +194,13 @@ def _select_columns(
             where = f"data.columns.{key}='{source}'" if key in columns else f"the {key} column '{source}'"
             raise UserError(f"{where} is not in {path}; columns present: {', '.join(present) or '(none)'}")
     result = pd.DataFrame(out)
-    if result[["user", "item"]].isna().any(axis=None) or (result[["user", "item"]].astype(str) == "").any(axis=None):
-        raise _garbled(path, fmt, {"csv": CSV_LAYOUT, "parquet": PARQUET_LAYOUT}.get(fmt, INTER_LAYOUT), "empty user or item ids")
+    ids = result[["user", "item"]]
+    if ids.isna().any(axis=None) or (ids.astype(str) == "").any(axis=None):
+        raise _garbled(path, fmt, layout, "some user or item ids are empty")
     for key in ("user", "item"):
-        result[key] = _ids(result[key]) if result[key].dtype == object else result[key]
+        result[key] = _ids(result[key])
     if "rating" in result:
-        result["rating"] = _numeric(result["rating"], f"rating column '{columns.get('rating', defaults['rating'])}'", path, fmt, "numeric ratings")
+        result["rating"] = _numeric(result["rating"], "rating", path, fmt, layout)
     if "timestamp" in result:
         result["timestamp"] = _timestamps(result["timestamp"], columns.get("timestamp", defaults["timestamp"]), path)
     return result.reset_index(drop=True)

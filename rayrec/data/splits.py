@@ -80,10 +80,10 @@ def ratio_split(
 
     n_test = np.minimum(np.floor(counts * test_ratio + 0.5).astype(np.int64), np.maximum(counts - 1, 0))
     n_valid = np.minimum(np.floor(counts * valid_ratio + 0.5).astype(np.int64), np.maximum(counts - 1 - n_test, 0))
-    user_rank, user_test, user_valid = rank, n_test[data.user], n_valid[data.user]
+    row_test, row_valid = n_test[data.user], n_valid[data.user]  # the row's user's quotas
     part = np.full(len(data.user), TRAIN, dtype=np.int8)
-    part[user_rank < user_test] = TEST
-    part[(user_rank >= user_test) & (user_rank < user_test + user_valid)] = VALID
+    part[rank < row_test] = TEST
+    part[(rank >= row_test) & (rank < row_test + row_valid)] = VALID
     info = {
         "users_without_valid": int((n_valid == 0).sum()),
         "users_without_test": int((n_test == 0).sum()),

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rayrec.data.batches import last_items, sequence_batches
+from rayrec.data.batches import last_items, sequence_batches, trim_padding
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec, RecModel
 from rayrec.models.losses import item_loss
@@ -96,8 +96,9 @@ class BERT4Rec(RecModel):
         return item_loss(hidden[masked], seq[masked], items, self.cfg.loss, self.cfg.negatives)
 
     def eval_inputs(self, history, users):
-        # The last max_len - 1 items then [MASK]: the model fills in the next item.
-        seq = last_items(history, users, self.cfg.max_len - 1)
+        # The last max_len - 1 items then [MASK]: the model fills in the next item. Positions
+        # count back from the end (transformer.py), so trimming all-padding columns changes nothing.
+        seq = trim_padding(last_items(history, users, self.cfg.max_len - 1))
         mask = np.full((len(seq), 1), self.mask_token, dtype=np.int64)
         return {"seq": np.concatenate([seq, mask], axis=1)}
 

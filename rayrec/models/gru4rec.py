@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayrec.data.batches import last_items, sequence_batches
+from rayrec.data.batches import last_items, sequence_batches, trim_padding
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec, RecModel
 from rayrec.models.losses import item_loss
@@ -82,7 +82,10 @@ class GRU4Rec(RecModel):
         pos = torch.arange(L, device=seq.device)[None]  # (1, L)
         to_right = (pos + (L - n)[:, None]) % L  # right-padded position j reads left position j + L - n
         x = self.emb_dropout(self.item_emb(seq.gather(1, to_right)))  # (B, L, E), right-padded
-        h, _ = self.gru(x)  # (B, L, H)
+        # The recurrence stays in fp32 under AMP: rounding compounds over up to max_len steps,
+        # bf16 RNNs are recent in cuDNN, and the full softmax, not the GRU, dominates the cost.
+        with torch.autocast(seq.device.type, enabled=False):
+            h, _ = self.gru(x.float())  # (B, L, H)
         h = self.proj(self.out_dropout(h))  # (B, L, E)
         to_left = (pos + n[:, None]) % L  # the inverse rotation
         return h.gather(1, to_left[..., None].expand(-1, -1, h.shape[-1]))
@@ -100,7 +103,7 @@ class GRU4Rec(RecModel):
         return item_loss(hidden[keep], targets[keep], self.item_emb.weight, self.cfg.loss, self.cfg.negatives)
 
     def eval_inputs(self, history, users):
-        return {"seq": last_items(history, users, self.cfg.max_len)}
+        return {"seq": trim_padding(last_items(history, users, self.cfg.max_len))}
 
     def score(self, batch):
         hidden = self(batch["seq"])[:, -1]  # (B, E): state after the most recent item

@@ -45,6 +45,18 @@ def normalized_adjacency(train: CSR, n_users: int, n_items: int) -> torch.Tensor
     Node u is user u; node U + i - 1 is item i. Entry (u, item) = 1 / sqrt(deg(u) deg(item));
     duplicate interactions count once; isolated nodes get an all-zero row.
     """
+    return csr_tensor(*_normalized_adjacency_parts(train, n_users, n_items))
+
+
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A square sparse CSR tensor over existing index and value tensors (no copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        n = crow.shape[0] - 1
+        return torch.sparse_csr_tensor(crow, col, values, size=(n, n), check_invariants=False)
+
+
+def _normalized_adjacency_parts(train: CSR, n_users: int, n_items: int):
     n_nodes = n_users + n_items
     users = train.rows()
     items = n_users + train.items - 1
@@ -55,18 +67,13 @@ def normalized_adjacency(train: CSR, n_users: int, n_items: int) -> torch.Tensor
     first[1:] = keys[1:] != keys[:-1]
     keys = keys[first]
     rows, cols = keys // n_nodes, keys % n_nodes
-    degree = np.bincount(rows, minlength=n_nodes).astype(np.float64)
+    degree = np.bincount(rows, minlength=n_nodes)
     inv_sqrt = np.zeros(n_nodes)
     np.divide(1.0, np.sqrt(degree), out=inv_sqrt, where=degree > 0)
     values = (inv_sqrt[rows] * inv_sqrt[cols]).astype(np.float32)
-    indptr = np.zeros(n_nodes + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_nodes), out=indptr[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(values),
-            size=(n_nodes, n_nodes), check_invariants=False,
-        )
+    crow = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.cumsum(degree, out=crow[1:])
+    return torch.from_numpy(crow), torch.from_numpy(cols), torch.from_numpy(values)
 
 
 class SymmetricSpMM(torch.autograd.Function):
@@ -92,19 +99,29 @@ class LightGCN(BPRMF):
     def __init__(self, cfg: LightGCNConfig, data):
         super().__init__(cfg, data)
         # Built once from the TRAIN rows only (validation and test edges never enter the
-        # graph); a buffer so that .to(device) moves it with the weights, not persistent
-        # because it is derived from the data, not learned (keeps checkpoints small).
-        self.register_buffer("adj", normalized_adjacency(data.train, data.n_users, data.n_items), persistent=False)
+        # graph). Its CSR parts are buffers so that .to(device) moves them with the weights
+        # (dense parts, because a sparse CSR tensor cannot be deep-copied); not persistent,
+        # because they are derived from the data, not learned (keeps checkpoints small).
+        crow, col, values = _normalized_adjacency_parts(data.train, data.n_users, data.n_items)
+        self.register_buffer("adj_crow", crow, persistent=False)
+        self.register_buffer("adj_col", col, persistent=False)
+        self.register_buffer("adj_values", values, persistent=False)
+
+    @property
+    def adj(self) -> torch.Tensor:
+        """The normalised adjacency D^-1/2 A D^-1/2, sparse CSR (U + N, U + N), on the model's device."""
+        return csr_tensor(self.adj_crow, self.adj_col, self.adj_values)
 
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Propagate the ego embeddings K layers over the graph and average the layers."""
         ego = torch.cat([self.user_emb.weight, self.item_emb.weight])  # (U + N, C)
-        # fp32 even under autocast: the sparse products are memory-bound, and low-precision
-        # sparse kernels are not available everywhere.
+        # In the weights' dtype even under autocast: the sparse products are memory-bound, and
+        # low-precision sparse kernels are not available everywhere.
+        adj = self.adj
         with torch.autocast(ego.device.type, enabled=False):
-            layer, total = ego.float(), ego.float()
+            layer, total = ego, ego
             for _ in range(self.cfg.layers):
-                layer = SymmetricSpMM.apply(self.adj, layer)  # (U + N, C)
+                layer = SymmetricSpMM.apply(adj, layer)  # (U + N, C)
                 total = total + layer
         final = total / (self.cfg.layers + 1)
         return final[: self.n_users], final[self.n_users :]

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rayrec.data.batches import last_items, sequence_batches
+from rayrec.data.batches import last_items, sequence_batches, trim_padding
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec, RecModel
 from rayrec.models.losses import item_loss
@@ -73,7 +73,7 @@ class SASRec(RecModel):
         return item_loss(hidden[keep], targets[keep], self.encoder.item_emb.weight, self.cfg.loss, self.cfg.negatives)
 
     def eval_inputs(self, history, users):
-        return {"seq": last_items(history, users, self.cfg.max_len)}
+        return {"seq": trim_padding(last_items(history, users, self.cfg.max_len))}
 
     def score(self, batch):
         hidden = self.encoder(batch["seq"])[:, -1]  # (B, C): state after the most recent item

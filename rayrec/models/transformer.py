@@ -38,6 +38,9 @@ class SequenceEncoder(nn.Module):
     """Item + learned position embeddings, `blocks` transformer blocks, final LayerNorm.
 
     Sequences are left-padded with item 0, so the most recent item sits at the last position.
+    Positions count back from that item (0 = most recent), so a batch trimmed of its
+    all-padding columns embeds exactly as the full-width one: the same item at the same
+    recency gets the same position whatever the batch width.
     """
 
     def __init__(
@@ -57,7 +60,7 @@ class SequenceEncoder(nn.Module):
         # seq: (B, L) item ids, 0 = padding -> (B, L, C) hidden states
         B, L = seq.shape
         keep = seq != 0  # (B, L)
-        pos = torch.arange(L, device=seq.device)
+        pos = torch.arange(L - 1, -1, -1, device=seq.device)  # recency: 0 = most recent
         x = self.emb_dropout(self.item_emb(seq) + self.pos_emb(pos)[None]) * keep[..., None]
         allowed = keep[:, None, None, :]  # keys that are real items
         if self.causal:

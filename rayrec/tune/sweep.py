@@ -96,6 +96,7 @@ class SweepResult:
     trials: Any  # pandas DataFrame
     history: Any
     best: dict[str, Any]
+    searched: list[str] | None = None  # the space's parameter keys (for the summary table)
 
 
 # --- planning (no Ray) ------------------------------------------------------------------
@@ -328,9 +329,13 @@ def _fit(plan: Plan, data):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if s["scheduler"] == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         callbacks=_callbacks(plan),
-        verbose=opts.verbose,
+        # Ray's tables only at -v 2; by default TrialLines logs one line per trial.
+        verbose=2 if opts.verbose >= 2 else 0,
     )
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "4")
+    # CSV/JSON logs feed ResultGrid's per-epoch frames; TensorBoard's logger only adds noise
+    # ('Summary name ... is illegal' for every metric with '@').
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if opts.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{plan.name}", storage_filesystem=fs):
             raise UserError(f"sweep '{plan.name}' has no Ray experiment state to resume in {plan.storage}")
@@ -392,8 +397,15 @@ def _slots(opts: SweepOptions) -> int:
 
 def _callbacks(plan: Plan) -> list:
     from rayrec.tracking import sweep_callbacks
+    from rayrec.tune.progress import TrialLines
 
-    return sweep_callbacks(plan)
+    s = plan.settings
+    total = None if s["search"] == "grid" else s["num_samples"]
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
+    lines = [TrialLines(f"val_{s['metric']}", s["mode"], s["max_epochs"], total)] if plan.options.verbose >= 1 else []
+    return loggers + lines + sweep_callbacks(plan)
 
 
 # --- results ----------------------------------------------------------------------------
@@ -484,7 +496,8 @@ def export_results(plan: Plan, results, data) -> SweepResult:
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_yaml(join(plan.experiment, "summary.yaml"), summary)
-    return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best)
+    return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best,
+                       searched=list(plan.space.params))
 
 
 def _clean_history(frame):
@@ -533,7 +546,8 @@ def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
         return "no trials"
     col = f"best_val_{metric}"
     ordered = trials.sort_values(col, ascending=False, na_position="last").head(top)
-    cfg_cols = [c for c in ordered.columns if c.startswith("config/")]
+    searched = set(result.searched) if result.searched is not None else None
+    cfg_cols = [c for c in ordered.columns if c.startswith("config/") and (searched is None or c[7:] in searched)]
     header = f"{'trial':<14}{'status':<14}{'epochs':>6}  {metric:>10}  " + "  ".join(c.split('/', 1)[1] for c in cfg_cols)
     lines = [header]
     for _, r in ordered.iterrows():

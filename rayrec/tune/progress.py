@@ -1,0 +1,54 @@
+"""Concise sweep progress: one log line per finished, pruned or failed trial.
+
+Ray's own status tables are wide and repeat every few seconds; at the default verbosity
+rayrec silences them and logs what a person watching a sweep wants to know instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ray import tune
+
+log = logging.getLogger("rayrec.sweep")
+
+
+class TrialLines(tune.Callback):
+    def __init__(self, metric: str, mode: str, max_epochs: int, total: int | None = None):
+        self.metric = metric
+        self.mode = mode
+        self.max_epochs = max_epochs
+        self.total = total
+        self.done = 0
+        self.best: float | None = None
+        self.best_of: dict[str, float] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            return
+        prev = self.best_of.get(trial.trial_id)
+        if prev is None or (value > prev if self.mode == "max" else value < prev):
+            self.best_of[trial.trial_id] = float(value)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        last = trial.last_result or {}
+        epoch = int(last.get("epoch", 0) or 0)
+        reason = last.get("stop_reason") or ("finished" if epoch >= self.max_epochs else "pruned")
+        self._line(trial, f"{reason} at epoch {epoch}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._line(trial, f"failed at epoch {int((trial.last_result or {}).get('epoch', 0) or 0)}")
+
+    def _line(self, trial, what: str) -> None:
+        value = self.best_of.get(trial.trial_id)
+        if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
+            self.best = value
+        total = f"/{self.total}" if self.total else ""
+        shown = f"{value:.4f}" if value is not None else "n/a"
+        best = f"{self.best:.4f}" if self.best is not None else "n/a"
+        log.info("[%d%s] trial %s %s: best %s %s (sweep best %s)",
+                 self.done, total, trial.trial_id, what, self.metric, shown, best)
