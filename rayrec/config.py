@@ -7,7 +7,7 @@ A run's config has three typed sections plus the model's own dataclass:
     train: {epochs: 30, lr: 0.001, ...}       # TrainConfig
 
 Values are resolved in one order everywhere (field-lessons §2: tuning environment ==
-training environment): dataclass defaults < the model's training defaults < a YAML file <
+training environment): dataclass defaults < the model's training/data defaults < a YAML file <
 `--set key=value` overrides (or a sweep's sampled values, which are the same dotted keys).
 The resolved config, defaults included, is what every run records, and feeding that record
 back through `--config` reproduces the run.
@@ -236,7 +236,7 @@ def build_config(
 
     train_values = {**spec.train_defaults, **sections["train"]}
     model_cfg = _make(spec.config_cls, sections["model"], "model")
-    data_cfg = _make(DataConfig, sections["data"], "data")
+    data_cfg = _make(DataConfig, {**spec.data_defaults, **sections["data"]}, "data")
     train_cfg = _make(TrainConfig, train_values, "train")
     for section in (model_cfg, data_cfg, train_cfg):
         if hasattr(section, "validate"):

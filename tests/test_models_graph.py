@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rayrec.config import DataConfig, build_config
-from rayrec.data.lightgcn_format import carve_validation, load_lightgcn_dir, shared_data_dir
+from rayrec.data.datasets import shared_data_dir
+from rayrec.data.lightgcn_format import carve_validation, load_lightgcn_dir
 from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
@@ -395,10 +396,10 @@ def shared(name):
 
 
 def test_real_gowalla():
-    from rayrec.data.lightgcn_format import load_gowalla
+    from rayrec.data import load_split
 
     shared("gowalla")
-    data = load_gowalla(DataConfig(seed=0, valid_ratio=0.1))
+    data = load_split(DataConfig(name="gowalla", split="ratio", seed=0, valid_ratio=0.1))
     assert (data.n_users, data.n_items) == (29_858, 40_981)
     assert data.train.nnz + data.valid.nnz == 810_128
     assert data.test.nnz == 217_242
@@ -407,10 +408,10 @@ def test_real_gowalla():
 
 
 def test_real_lastfm():
-    from rayrec.data.lightgcn_format import load_lastfm
+    from rayrec.data import load_split
 
     shared("lastfm")
-    data = load_lastfm(DataConfig(seed=0, valid_ratio=0.0))
+    data = load_split(DataConfig(name="lastfm", split="ratio", seed=0, valid_ratio=0.0))
     assert (data.n_users, data.n_items) == (1_880, 4_489)
     assert data.train.nnz == 42_135 and data.test.nnz == 10_533
     assert not data.ordered and data.valid.nnz == 0

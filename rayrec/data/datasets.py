@@ -60,6 +60,7 @@ class Source:
     read: Callable[[], tuple[pd.DataFrame, bool]] | None = None  # raw frame and whether it is ordered
     read_split: Callable[[], SplitData] | None = None  # pre-split datasets skip preprocessing and splitting
     synthetic: bool = False
+    split: str = "loo"  # the split a pre-split dataset comes with (data.split must agree)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,8 +168,34 @@ def gsasrec_source(directory: str, name: str | None = None) -> Source:
     return Source(name=name or base, location=base, format="gsasrec", identity=identity, read_split=read_split)
 
 
-# Folder formats that come already split. Others extend this (e.g. 'lightgcn').
-PRESPLIT_FORMATS: dict[str, Callable[[str, str | None], Source]] = {"gsasrec": gsasrec_source}
+def lightgcn_source(directory: str, name: str | None = None, cfg: DataConfig | None = None) -> Source:
+    """A LightGCN-layout folder (Gowalla, Yelp2018, LastFM): train/test given, validation carved
+    out of train by data.valid_ratio (seeded), since selection must never use test."""
+    from rayrec.data.lightgcn_format import LAYOUT_FILES, load_lightgcn_dir
+
+    cfg = cfg or DataConfig(split="ratio")
+    base = directory.rstrip("/")
+    present = {f: f"{base}/{f}" for f in LAYOUT_FILES if os.path.exists(f"{base}/{f}") or "://" in base}
+    identity = {"kind": "lightgcn", "valid_ratio": cfg.valid_ratio, "seed": cfg.seed,
+                **{f: _sha256_file(Path(p)) for f, p in present.items() if "://" not in p}}
+    return Source(
+        name=name or base, location=base, format="lightgcn", identity=identity, split="ratio",
+        read_split=lambda: load_lightgcn_dir(base, name or base, valid_ratio=cfg.valid_ratio, seed=cfg.seed),
+    )
+
+
+def _shared_lightgcn(dataset: str) -> Callable[[DataConfig], Source]:
+    def resolve(cfg: DataConfig) -> Source:
+        return lightgcn_source(_shared_path(dataset, dataset), dataset, cfg)
+
+    return resolve
+
+
+# Folder formats that come already split.
+PRESPLIT_FORMATS: dict[str, Callable[[str, str | None], Source]] = {
+    "gsasrec": gsasrec_source,
+    "lightgcn": lightgcn_source,
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,6 +338,8 @@ NAMED: dict[str, Callable[[DataConfig], Source]] = {
     "ml-1m": grouplens_source("ml-1m"),
     "ml-1m-gsasrec": ml1m_gsasrec_source,
     "beauty": beauty_source,
+    "gowalla": _shared_lightgcn("gowalla"),
+    "lastfm": _shared_lightgcn("lastfm"),
 }
 
 
@@ -338,6 +367,8 @@ def resolve_source(cfg: DataConfig) -> Source:
         raise UserError(
             f"cannot tell the format of {name} from its name; set data.format to one of: {', '.join(valid_formats)}"
         )
+    if fmt == "lightgcn":
+        return lightgcn_source(name, None, cfg)
     if fmt in PRESPLIT_FORMATS:
         return PRESPLIT_FORMATS[fmt](name, None)
     if fmt not in readers.PARSERS:
@@ -491,9 +522,10 @@ def load_split(cfg: DataConfig) -> SplitData:
     cfg.validate()
     cache = cache_root(cfg)
     source = resolve_source(cfg)
-    if source.read_split is not None and cfg.split != "loo":
+    if source.read_split is not None and cfg.split != source.split:
         raise UserError(
-            f"dataset '{source.name}' comes already split (leave-one-out); data.split must be loo, got '{cfg.split}'"
+            f"dataset '{source.name}' comes already split ({source.split}); data.split must be {source.split}, "
+            f"got '{cfg.split}'"
         )
     fp = fingerprint(source, cfg)
     split = read_cached_split(cache, fp)

@@ -41,6 +41,7 @@ LAYOUTS = (
     ("adjacency", "s_adj_mat.npz", "test.txt"),
     ("pairs", "data1.txt", "test1.txt"),
 )
+LAYOUT_FILES = tuple(dict.fromkeys(f for layout in LAYOUTS for f in layout[1:]))
 EXPECTED = (
     "expected one of: s_adj_mat.npz + test.txt (Gowalla: train adjacency, test lines `user item item ...`), "
     "train.txt + test.txt (lines `user item item ...`, 0-based), "
@@ -131,31 +132,6 @@ def carve_validation(train: CSR, ratio: float, seed: int) -> tuple[CSR, CSR]:
         CSR.from_pairs(users[~to_valid], train.items[~to_valid], n_rows),
         CSR.from_pairs(users[to_valid], train.items[to_valid], n_rows),
     )
-
-
-def shared_data_dir() -> str:
-    """$RAYREC_SHARED_DATA, else `../shared/data` beside the repository root."""
-    default = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return os.environ.get("RAYREC_SHARED_DATA", str(default))
-
-
-def load_gowalla(cfg: DataConfig) -> SplitData:
-    """Gowalla in the LightGCN split: 29,858 users, 40,981 items, 810,128 train edges."""
-    return _load_shared("gowalla", cfg)
-
-
-def load_lastfm(cfg: DataConfig) -> SplitData:
-    """HetRec LastFM in the LightGCN-PyTorch split: 1,880 users, 4,489 items."""
-    return _load_shared("lastfm", cfg)
-
-
-def _load_shared(name: str, cfg: DataConfig) -> SplitData:
-    folder = os.path.join(shared_data_dir(), name)
-    if not os.path.isdir(folder):
-        raise UserError(
-            f"dataset '{name}' not found at {folder}; set RAYREC_SHARED_DATA to the folder that holds {name}/"
-        )
-    return load_lightgcn_dir(folder, name, valid_ratio=cfg.valid_ratio, seed=cfg.seed)
 
 
 def _read_lines(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -64,3 +64,5 @@ class ModelSpec:
     # Trainer settings this model wants unless the user says otherwise (field-lessons §5:
     # graph models want lower lr, clipping 1.0 and long patience; transformers clip at 5.0).
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    # Data settings this model wants by default (graph models: a per-user random ratio split).
+    data_defaults: dict[str, Any] = field(default_factory=dict)

@@ -107,6 +107,7 @@ class BPRMF(RecModel):
 # AdamW weight decay is 0 because the L2 term lives in the loss and touches only the
 # batch's embeddings, as in LightGCN's protocol (anchors.md: L2 1e-4 on the ego embeddings);
 # decoupled decay on top would shrink every embedding at every step, sampled or not.
+# Graph models split each user's interactions at random (the LightGCN protocol) unless told otherwise.
 GRAPH_TRAIN_DEFAULTS = {
     "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "batch_size": 2048,
     "patience": 20, "warmup_epochs": 0.0, "metric": "recall@20",
@@ -114,5 +115,5 @@ GRAPH_TRAIN_DEFAULTS = {
 
 SPEC = ModelSpec(
     name="bprmf", kind="graph", config_cls=BPRMFConfig, model_cls=BPRMF,
-    train_defaults=dict(GRAPH_TRAIN_DEFAULTS),
+    train_defaults=dict(GRAPH_TRAIN_DEFAULTS), data_defaults={"split": "ratio"},
 )

@@ -129,5 +129,5 @@ class LightGCN(BPRMF):
 
 SPEC = ModelSpec(
     name="lightgcn", kind="graph", config_cls=LightGCNConfig, model_cls=LightGCN,
-    train_defaults=dict(GRAPH_TRAIN_DEFAULTS),
+    train_defaults=dict(GRAPH_TRAIN_DEFAULTS), data_defaults={"split": "ratio"},
 )
