@@ -98,7 +98,7 @@ def train(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory (path or URL); default runs/<model>-<data>-<time>."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (train.seed)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (train.epochs)."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Warm-start weights from a checkpoint.pt (path or URL)."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Warm-start weights from a checkpoint.pt, or from a sweep directory (its best checkpoint); path or URL."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar within each epoch."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -106,9 +106,14 @@ def train(
     _setup_logging(verbose)
     cfg = resolve_cli_config(model, config, data, data_format, sets, seed, epochs)
     from rayrec.data import load_split
-    from rayrec.train.run import train_run
+    from rayrec.models import check_model_data
+    from rayrec.storage import check_writable
+    from rayrec.train.run import default_output, train_run
 
+    output = output or default_output(cfg)
+    check_writable(output, must_not_exist=True)  # before minutes of preprocessing and training
     split = load_split(cfg.data)
+    check_model_data(cfg.model_name, split)
     echo(split.summary())
     metric = cfg.train.metric
 
@@ -134,6 +139,7 @@ def train(
 def sweep(
     model: Optional[str] = typer.Argument(None, help="Model to tune; its space is search_spaces/<model>.yaml unless --space."),
     stage: Optional[str] = typer.Option(None, "--stage", help="smoke | quick | medium: budgets from the space's stages."),
+    from_sweep: Optional[str] = typer.Option(None, "--from", help="Start from SWEEP's narrowed space (`rayrec narrow SWEEP`) and base config."),
     space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default search_spaces/<model>.yaml)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Base config YAML every trial starts from."),
@@ -165,7 +171,7 @@ def sweep(
     from rayrec.tune.sweep import SweepOptions, run_sweep, summary_table
 
     opts = SweepOptions(
-        model=model, name=name, storage=storage, space=space, stage=stage, config=config, data=data,
+        model=model, name=name, storage=storage, space=space, stage=stage, from_sweep=from_sweep, config=config, data=data,
         sets=list(sets), search=search, scheduler=scheduler, num_samples=num_samples, max_epochs=max_epochs,
         grace_period=grace_period, reduction_factor=reduction_factor, perturbation_interval=perturbation_interval,
         quantile_fraction=quantile_fraction, pbt_synch=pbt_synch, gpus_per_trial=gpus_per_trial,
@@ -191,6 +197,108 @@ def models() -> None:
     for name in MODELS:
         spec = get_model_spec(name)
         echo(f"{name:10s} {spec.kind}")
+
+
+SWEEP_ARG_HELP = "Sweep: its directory or URL, or its name under --storage."
+STORAGE_HELP = "Where sweeps live when SWEEP is a name (default ./sweeps or $RAYREC_STORAGE)."
+
+
+@app.command()
+@user_errors
+def narrow(
+    sweep_dir: str = typer.Argument(..., metavar="SWEEP", help=SWEEP_ARG_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    top_fraction: float = typer.Option(0.2, "--top-fraction", help="Ranges come from this share of the best completed trials."),
+    threshold: float = typer.Option(0.05, "--threshold", help="Freeze parameters whose importance is below this at the best trial's value."),
+    min_trials: int = typer.Option(5, "--min-trials", help="Fewest completed trials to narrow from."),
+    pad: float = typer.Option(0.1, "--pad", help="Widen each narrowed range by this share of its width (log scale for log parameters)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Budget of the next stage (default: the stage after the sweep's)."),
+    top_k: int = typer.Option(5, "--top-k", help="Trials averaged into robust.yaml."),
+) -> None:
+    """Write the next stage's search space (next_space.yaml), robust.yaml and diagnostics from a finished sweep."""
+    from rayrec.tune.analysis import export_robust, load_results, narrow_space, write_diagnostics, write_narrowing
+
+    results = load_results(sweep_dir, storage)
+    narrowing = narrow_space(results, top_fraction=top_fraction, threshold=threshold, min_trials=min_trials,
+                             pad=pad, next_stage=stage)
+    url = write_narrowing(results, narrowing)
+    robust = export_robust(results, top_k)
+    diagnostics = write_diagnostics(results)
+    imp = narrowing.importance
+    if imp.conclusive:
+        echo("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.scores.items()))
+    else:
+        echo(f"importance {imp.message}; nothing frozen for low importance")
+    for key, change in narrowing.changes.items():
+        echo(f"  {key}: {change}")
+    flagged = int((diagnostics["flags"] != "").sum()) if len(diagnostics) else 0
+    echo(f"diagnostics: {flagged} of {len(diagnostics)} trials flagged ({results.file('diagnostics.parquet')})")
+    echo(f"robust config (top {top_k} averaged): {robust}")
+    echo(f"next space ({narrowing.next_stage or 'no stage'}): {url}")
+    echo(f"next: rayrec sweep {results.model} --from {results.experiment}")
+
+
+@app.command()
+@user_errors
+def confirm(
+    sweep_dir: str = typer.Argument(..., metavar="SWEEP", help=SWEEP_ARG_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    top: int = typer.Option(3, "--top", help="Confirm the configs of this many best trials."),
+    seeds: int = typer.Option(5, "--seeds", help="Training seeds per config (the trial's own seed first)."),
+    max_std: float = typer.Option(0.002, "--max-std", help="Flag a config whose metric std over seeds exceeds this."),
+    tolerance: float = typer.Option(0.01, "--tolerance", help="Flag a retrained mean short of the tuning-time value by more than this."),
+    robust: bool = typer.Option(False, "--robust", help="Also confirm the top-k averaged config (robust.yaml)."),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="CPUs per training (also its torch threads)."),
+    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="GPUs per training; 0.25 packs four on one GPU."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)."),
+) -> None:
+    """Retrain the top configs from scratch with several seeds in parallel on Ray; mean, std, min, max."""
+    _setup_logging(False)
+    from rayrec.tune.confirm import ConfirmOptions, run_confirm
+
+    result = run_confirm(ConfirmOptions(sweep=sweep_dir, storage=storage, top=top, seeds=seeds, max_std=max_std,
+                                        tolerance=tolerance, robust=robust, cpus_per_trial=cpus_per_trial,
+                                        gpus_per_trial=gpus_per_trial, address=address))
+    echo(f"{'config':<8}{'trial':<14}{'tuning':>8}{'mean':>9}{'std':>9}{'min':>9}{'max':>9}  flags")
+    for _, r in result.stats.iterrows():
+        echo(f"{r['candidate']:<8}{str(r['trial_id'])[:13]:<14}{r['tuning_value']:>8.4f}{r['mean']:>9.4f}"
+             f"{r['std']:>9.4f}{r['min']:>9.4f}{r['max']:>9.4f}  {r['flags'] or 'ok'}")
+    echo(f"results: {result.experiment}/confirm.parquet, confirm.yaml")
+
+
+@app.command()
+@user_errors
+def final(
+    sweep_dir: str = typer.Argument(..., metavar="SWEEP", help=SWEEP_ARG_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    config_name: str = typer.Option("best", "--config", help="best (best.yaml) | robust (robust.yaml, top-k averaged)."),
+    train_on_valid: bool = typer.Option(False, "--train-on-valid", help="Train on train + validation for the best trial's epoch count."),
+    force: bool = typer.Option(False, "--force", help="Evaluate on test again although final.yaml exists (recorded as forced)."),
+) -> None:
+    """Retrain the chosen config and evaluate it on test exactly once; recorded in final.yaml."""
+    _setup_logging(False)
+    from rayrec.tune.confirm import FinalOptions, run_final
+
+    record = run_final(FinalOptions(sweep=sweep_dir, storage=storage, config=config_name,
+                                    train_on_valid=train_on_valid, force=force))
+    if record["valid"]:
+        echo(f"valid (best epoch {record['best_epoch']}): {format_metrics(record['valid'])}")
+    echo(f"test  (once{', FORCED' if record['forced'] else ''}): {format_metrics(record['test'])}")
+    echo(f"run: {record['run']}  record: final.yaml")
+
+
+@app.command()
+@user_errors
+def report(
+    sweep_dir: str = typer.Argument(..., metavar="SWEEP", help=SWEEP_ARG_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Report folder (path or URL; default SWEEP/report)."),
+) -> None:
+    """Write an HTML report with figures (learning curves, rungs, PBT lineage, parameters, importance, diagnostics)."""
+    from rayrec.report import build_report
+
+    result = build_report(sweep_dir, storage, output)
+    echo(f"report: {result.index}  ({len(result.figures)} figures)")
 
 
 def main() -> None:

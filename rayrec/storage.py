@@ -2,52 +2,125 @@
 
 Everything rayrec writes outside a trial (run directories, sweep results, Parquet, YAML)
 goes through these helpers; the tuning layer hands Ray the same filesystem through
-pyarrow's FSSpecHandler (`pyarrow_filesystem`). Credentials and endpoints come from the
-standard environment (AWS_*, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS) and never
-from a URL written into results.
+pyarrow's FSSpecHandler (`pyarrow_filesystem`).
+
+Credentials and endpoints come only from the standard environment of each process
+(AWS_ACCESS_KEY_ID/..., AWS_ENDPOINT_URL(_S3), ~/.aws, instance roles,
+GOOGLE_APPLICATION_CREDENTIALS); botocore and gcsfs read them themselves. They are never
+constructor arguments of a filesystem, so the filesystem Ray pickles into its experiment
+state (tuner.pkl, experiment_state-*.json) holds neither, and a URL carrying them is
+refused. Trials on other processes or nodes receive the driver's storage variables in
+memory (`storage_environment` -> `apply_storage_environment`), never through Ray's
+runtime_env, whose values Ray writes into its own logs.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import threading
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from rayrec.errors import UserError
 
+# The variables storage backends read; forwarded to trials, redacted from error messages.
+STORAGE_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST",
+)
+# Checkpoint uploads ride out short outages: botocore retries with exponential back-off
+# (standard mode: up to 8 attempts, about half a minute in all) before Ray sees an error.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 8, "mode": "standard"}}
+# The pre-flight probe must fail fast instead: one attempt, short timeouts, and an overall deadline.
+PROBE_S3_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
+PROBE_TIMEOUT_S = float(os.environ.get("RAYREC_STORAGE_PROBE_TIMEOUT_S", "20"))
 
-def split_url(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path without scheme) for a URL or local path, with clear errors."""
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
+_ALMOST_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/?(?!/)")  # 's3:/b' or 's3:b': a URL missing a slash
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def split_url(url: str, probe: bool = False) -> tuple[Any, str]:
+    """(fsspec filesystem, path without scheme) for a URL or local path, with clear errors.
+
+    `probe=True` gives a separate, uncached filesystem with bounded retries and timeouts,
+    for pre-flight checks that must fail in seconds on an unreachable endpoint.
+    """
     import fsspec
-    from fsspec.registry import known_implementations
 
-    if not url or not isinstance(url, str):
-        raise UserError(f"storage location must be a path or URL, got {url!r}")
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if "://" in url and (not protocol or not protocol.replace("+", "").replace("-", "").isalnum()):
-        raise UserError(f"malformed storage URL '{url}'; expected a path or SCHEME://bucket/prefix")
-    if protocol not in known_implementations and protocol not in fsspec.available_protocols():
-        raise UserError(
-            f"unknown storage protocol '{protocol}' in '{url}'; valid: a local path, file://, s3://, gs://, "
-            "or another fsspec protocol"
-        )
-    options = {}
-    if protocol == "s3":
-        # S3-compatible stores (MinIO, moto, R2) are reached through the standard AWS endpoint variable.
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["endpoint_url"] = endpoint
+    protocol, rest = _parse(url)
+    options: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        options["config_kwargs"] = dict(PROBE_S3_CONFIG if probe else S3_CONFIG)
+    if probe and protocol != "file":
+        options["skip_instance_cache"] = True
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         raise UserError(f"storage protocol '{protocol}' needs a package that is not installed: {exc}") from None
     except (ValueError, TypeError) as exc:
-        raise UserError(f"malformed storage URL '{url}': {exc}") from None
-    if protocol != "file" and not path.strip("/"):
-        raise UserError(f"storage URL '{url}' names no bucket; expected {protocol}://bucket/prefix")
+        raise UserError(f"malformed storage URL '{display(url)}': {_short(exc)}") from None
+    if probe and protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own retry loop, on top of botocore's
     return fs, path
+
+
+def _parse(url: str) -> tuple[str, str]:
+    """(protocol, rest); refuses malformed URLs, unknown protocols and URLs carrying secrets."""
+    from fsspec.registry import available_protocols, known_implementations
+
+    if not isinstance(url, str) or not url.strip():
+        raise UserError(f"storage location must be a path or URL, got {url!r}")
+    match = _SCHEME.match(url)
+    if not match:
+        almost = _ALMOST_URL.match(url)
+        if "://" in url or (almost and almost.group(1).lower() in known_implementations):
+            raise UserError(f"malformed storage URL '{display(url)}'; expected a local path or SCHEME://bucket/prefix")
+        return "file", url
+    protocol, rest = match.group(1).lower(), match.group(2)
+    if protocol not in known_implementations and protocol not in available_protocols():
+        raise UserError(
+            f"unknown storage protocol '{protocol}' in '{display(url)}'; valid: a local path, file://, s3://, "
+            "gs://, or another fsspec protocol (memory, hdfs, abfs, ...)"
+        )
+    if protocol in ("file", "local"):
+        return "file", rest
+    netloc = rest.split("/", 1)[0]
+    if "@" in netloc or "?" in rest or "#" in rest:
+        raise UserError(
+            f"storage URL '{display(url)}' carries credentials or options; give a plain {protocol}://bucket/prefix "
+            "and put credentials and endpoints in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
+        )
+    if not netloc:
+        raise UserError(f"malformed storage URL '{display(url)}': no bucket; expected {protocol}://bucket/prefix")
+    bucket_rule = {"s3": _S3_BUCKET, "s3a": _S3_BUCKET, "gs": _GCS_BUCKET, "gcs": _GCS_BUCKET}.get(protocol)
+    if bucket_rule is not None and not bucket_rule.match(netloc):
+        raise UserError(
+            f"malformed storage URL '{display(url)}': '{netloc}' is not a valid bucket name "
+            "(3-63 lowercase letters, digits, dots and hyphens)"
+        )
+    return protocol, rest
+
+
+def display(url: Any) -> str:
+    """The URL as it may be shown: no user:password@ part, no query string."""
+    text = str(url)
+    match = _SCHEME.match(text)
+    if not match:
+        return text
+    rest = match.group(2)
+    netloc, _, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    path = re.split(r"[?#]", path, maxsplit=1)[0]
+    shown = f"{match.group(1)}://{netloc}" + (f"/{path}" if path else "")
+    return shown + ("?..." if "?" in rest else "")
 
 
 def is_local(url: str) -> bool:
@@ -62,35 +135,132 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def to_url(url: str, fs_path: str) -> str:
+    """A path on `url`'s filesystem (as Ray reports it, without scheme) as a URL again."""
+    if is_local(url):
+        return fs_path
+    return f"{_parse(url)[0]}://{fs_path.lstrip('/')}"
+
+
+# --- pre-flight checks ------------------------------------------------------------------
 def exists(url: str) -> bool:
-    fs, path = split_url(url)
-    try:
+    """Whether `url` exists; an unreachable store is a UserError within the probe deadline."""
+    _parse(url)
+
+    def check() -> bool:
+        fs, path = split_url(url, probe=True)
         return fs.exists(path)
-    except Exception as exc:  # network and permission errors from any backend
-        raise UserError(f"cannot reach storage '{url}': {_short(exc)}") from None
+
+    return _with_deadline(check, url, "reach")
 
 
 def check_writable(url: str, must_not_exist: bool = False) -> None:
-    """Probe that `url` can be written (create, write, delete a small file) before any work starts."""
-    fs, path = split_url(url)
-    try:
+    """Probe that `url` can be written (create, write, read back, delete a small file) before any work starts.
+
+    Each failure is one UserError line: unreachable endpoint, missing bucket, no permission,
+    no credentials, or no answer within PROBE_TIMEOUT_S.
+    """
+    _parse(url)  # a malformed URL fails here, without a thread
+
+    def probe() -> None:
+        fs, path = split_url(url, probe=True)  # inside the deadline: some backends connect when built
         if must_not_exist and fs.exists(path):
-            raise UserError(f"output '{url}' already exists; choose a new --output or remove it")
-        probe = f"{path.rstrip('/')}/.rayrec-write-probe-{uuid.uuid4().hex[:8]}"
+            raise UserError(f"output '{display(url)}' already exists; choose a new --output or remove it")
+        target = f"{path.rstrip('/')}/.rayrec-write-probe-{uuid.uuid4().hex[:8]}"
         if is_local(url):
             # Create only the parent: the final directory appears when the run is published.
             parent = os.path.dirname(os.path.abspath(path)) or "."
             os.makedirs(parent, exist_ok=True)
-            probe = os.path.join(parent, os.path.basename(probe))
-        with fs.open(probe, "wb") as fh:
+            target = os.path.join(parent, os.path.basename(target))
+        with fs.open(target, "wb") as fh:
             fh.write(b"ok")
-        fs.rm(probe)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"cannot write to storage '{url}': {_short(exc)}") from None
+        fs.rm(target)
+
+    _with_deadline(probe, url, "write to")
 
 
+def _with_deadline(fn: Callable[[], Any], url: str, verb: str) -> Any:
+    """Run a storage call in a daemon thread; any failure, or no answer in time, is one UserError line."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported below as a UserError
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="rayrec-storage-probe", daemon=True)
+    worker.start()
+    worker.join(PROBE_TIMEOUT_S)
+    if worker.is_alive():
+        raise UserError(
+            f"storage '{display(url)}' did not answer within {PROBE_TIMEOUT_S:g} s; check the endpoint "
+            f"({_endpoint_source(url)}), the credentials and the network"
+        )
+    if "error" in outcome:
+        raise _storage_error(outcome["error"], url, verb) from None
+    return outcome.get("value")
+
+
+def _storage_error(exc: BaseException, url: str, verb: str) -> BaseException:
+    if isinstance(exc, UserError):
+        return exc
+    shown, name = display(url), type(exc).__name__
+    text = _short(exc)
+    bucket = _bucket(url)
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+        if bucket and ("bucket" in text.lower() or "NoSuchBucket" in text):
+            return UserError(f"storage '{shown}': bucket '{bucket}' does not exist; create it or fix the URL")
+        return UserError(f"cannot {verb} storage '{shown}': {text}")
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return UserError(
+            f"no permission to {verb} storage '{shown}' ({text}); check the credentials "
+            "(AWS_* variables, profile or instance role) and the bucket policy"
+        )
+    if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+        return UserError(
+            f"no credentials for storage '{shown}': set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
+            "or an instance role (gs://: GOOGLE_APPLICATION_CREDENTIALS)"
+        )
+    connection = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ReadTimeoutError",
+                  "ClientConnectorError", "ServerDisconnectedError", "TimeoutError", "gaierror")
+    if name in connection or isinstance(exc, (ConnectionError, TimeoutError)):
+        return UserError(f"cannot reach storage '{shown}' (endpoint: {_endpoint_source(url)}): {text}")
+    return UserError(f"cannot {verb} storage '{shown}': {text}")
+
+
+def _bucket(url: str) -> str:
+    match = _SCHEME.match(url)
+    return match.group(2).split("/", 1)[0] if match and not is_local(url) else ""
+
+
+def _endpoint_source(url: str) -> str:
+    """Where the endpoint came from, named by variable: the value itself is never shown."""
+    protocol = _SCHEME.match(url).group(1).lower() if _SCHEME.match(url) else "file"
+    keys = {"s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "s3a": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+            "gs": ("STORAGE_EMULATOR_HOST",), "gcs": ("STORAGE_EMULATOR_HOST",)}.get(protocol, ())
+    for key in keys:
+        if os.environ.get(key):
+            return f"from ${key}"
+    return "the provider's default"
+
+
+# --- credentials for trials -------------------------------------------------------------
+def storage_environment() -> dict[str, str]:
+    """The driver's storage variables, handed to trials in memory (Ray's object store)."""
+    return {key: os.environ[key] for key in STORAGE_ENV if os.environ.get(key)}
+
+
+def apply_storage_environment(env: dict[str, str] | None) -> None:
+    """Make a trial process see the driver's storage variables before it touches storage.
+
+    Filesystems connect lazily, so the one Ray unpickled for this trial picks them up.
+    """
+    if env:
+        os.environ.update(env)
+
+
+# --- reading and writing ----------------------------------------------------------------
 def publish_dir(local_dir: str, url: str) -> None:
     """Copy a finished local directory to `url` so that readers never see it half-written.
 
@@ -142,7 +312,7 @@ def read_bytes(url: str) -> bytes:
         with fs.open(path, "rb") as fh:
             return fh.read()
     except FileNotFoundError:
-        raise UserError(f"file not found: {url}") from None
+        raise UserError(f"file not found: {display(url)}") from None
 
 
 def write_yaml(url: str, obj: Any) -> None:
@@ -177,7 +347,8 @@ def pyarrow_filesystem(url: str):
     """(pyarrow filesystem, path without scheme) for Ray's `storage_filesystem`/`storage_path`.
 
     Ray is handed the same fsspec filesystem rayrec uses, wrapped by FSSpecHandler, so one
-    set of credentials and endpoint settings serves both (ray-notes §2).
+    set of settings serves both (ray-notes §2). Local paths go to Ray as plain absolute
+    paths (None filesystem): Ray's own local filesystem, which it also uses to restore.
     """
     import pyarrow.fs
 
@@ -188,5 +359,15 @@ def pyarrow_filesystem(url: str):
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """First line of an exception, with storage variables' values (endpoint, keys) masked."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return redact(text)
+
+
+def redact(text: str) -> str:
+    for key in STORAGE_ENV:
+        value = os.environ.get(key)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"${key}")
+    return text

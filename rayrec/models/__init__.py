@@ -27,6 +27,12 @@ def get_model_spec(name: str):
 
 def build_model(name: str, cfg, data):
     """Instantiate a registered model for a dataset, checking the data suits it."""
+    check_model_data(name, data)
+    return get_model_spec(name).model_cls(cfg, data)
+
+
+def check_model_data(name: str, data) -> None:
+    """A UserError when the model cannot learn from this dataset (sequential models need order)."""
     spec = get_model_spec(name)
     if spec.kind == "sequential" and not data.ordered:
         raise UserError(
@@ -34,4 +40,3 @@ def build_model(name: str, cfg, data):
             f"'{data.name}' has no timestamps or order; use a graph model (lightgcn, bprmf) or pop, "
             "or give data with a timestamp column"
         )
-    return spec.model_cls(cfg, data)

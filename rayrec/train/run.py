@@ -53,17 +53,40 @@ def checkpoint_payload(trainer: Trainer, fit: FitResult) -> dict[str, Any]:
             "best_epoch": fit.best_epoch,
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "rayrec_version": rayrec.__version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         },
     }
 
 
+SWEEP_STATE_FILE = "trainer.pt"  # a sweep trial's checkpoint file (rayrec.tune.trainable.STATE_FILE)
+
+
 def load_checkpoint(url: str) -> dict[str, Any]:
-    """Read a checkpoint.pt (local path or URL), checking it is one of ours."""
+    """Read a checkpoint.pt, or a sweep's best checkpoint given the sweep's directory (path or URL)."""
+    from rayrec.storage import exists, join
+
+    if not url.endswith(".pt") and exists(join(url, "summary.yaml")):
+        return sweep_best_checkpoint(url)
     payload = load_state(url)
     if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
         raise UserError(f"{url} is not a rayrec checkpoint (expected keys 'model' and 'meta')")
     return payload
+
+
+def sweep_best_checkpoint(url: str) -> dict[str, Any]:
+    """The best trial's best weights from a finished sweep, with the sweep's model and dataset as metadata."""
+    from rayrec.config import unflatten
+    from rayrec.storage import join, read_yaml
+
+    summary = read_yaml(join(url, "summary.yaml"))
+    best = summary.get("best") or {}
+    if not best.get("checkpoint"):
+        raise UserError(f"sweep {url} recorded no best checkpoint in summary.yaml (no trial reported a checkpoint)")
+    state = load_state(join(best["checkpoint"], SWEEP_STATE_FILE))
+    meta = {"model": summary["model"], "fingerprint": summary["fingerprint"], "config": unflatten(best["config"]),
+            "dataset": summary.get("dataset"), "metric": best.get("metric"), "metric_value": best.get("value"),
+            "trial_id": best.get("trial_id")}
+    return {"model": state.get("best_model") or state["model"], "meta": meta}
 
 
 def init_from_checkpoint(trainer: Trainer, url: str) -> None:

@@ -158,6 +158,7 @@ class Trainer:
         state already advanced, so it can save `trainer.state_dict()` for an exact resume.
         """
         tc = self.cfg.train
+        self.stop_reason = ""  # a run paused by on_epoch and restored continues from here
         if not self.model.trainable:
             # Nothing to optimise: one evaluation is the whole run (popularity baseline).
             start = time.perf_counter()
@@ -181,9 +182,10 @@ class Trainer:
                 self.stop_reason = "early_stopped"
             elif self.epoch >= tc.epochs:
                 self.stop_reason = "finished"
-            if on_epoch is not None and on_epoch(self, record):
-                self.stop_reason = self.stop_reason or "stopped"
-                break
+            if on_epoch is not None and on_epoch(self, record) and not self.stop_reason:
+                # Paused by the caller: keep the current weights so state_dict() can resume.
+                self.stop_reason = "stopped"
+                return self._result()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self._result()

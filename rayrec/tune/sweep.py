@@ -50,6 +50,7 @@ class SweepOptions:
     storage: str | None = None
     space: str | None = None  # search-space YAML; default search_spaces/<model>.yaml
     stage: str | None = None  # smoke | quick | medium
+    from_sweep: str | None = None  # start from this sweep's narrowed space (next_space.yaml) and base config
     config: str | None = None  # base config YAML
     data: str | None = None
     sets: list[str] = field(default_factory=list)  # key=value overrides of the base config
@@ -104,15 +105,24 @@ def plan_sweep(opts: SweepOptions) -> Plan:
     """Validate options, space and base config; every problem is a UserError before Ray starts."""
     from rayrec.storage import join
 
-    space = load_space(opts.model, opts.space)
+    space_file, from_base = opts.space, None
+    if opts.from_sweep:
+        from rayrec.tune.analysis import next_space_source
+
+        if opts.space:
+            raise UserError("--from and --space both name a search space; pass one of them")
+        space_file, from_base = next_space_source(opts.from_sweep, opts.storage)
+    space = load_space(opts.model, space_file)
     model = space.model
     settings = {**DEFAULTS, **space.sweep_defaults(opts.stage)}
     explicit = {k: getattr(opts, k) for k in DEFAULTS if getattr(opts, k, None) is not None}
     settings.update(explicit)
     settings["pbt_synch"] = opts.pbt_synch
+    if "grace_period" not in explicit and isinstance(settings["max_epochs"], int):
+        settings["grace_period"] = min(settings["grace_period"], settings["max_epochs"])
     _check_settings(settings, space, search_explicit="search" in explicit)
 
-    base = load_yaml(opts.config) if opts.config else {}
+    base = load_yaml(opts.config) if opts.config else (from_base or {})
     overrides = parse_overrides(opts.sets)
     if opts.data is not None:
         overrides["data.name"] = opts.data
@@ -218,6 +228,21 @@ def check_resources(gpus_per_trial: float, cpus_per_trial: float) -> dict[str, f
     return resources
 
 
+def _check_local_gpus(opts: SweepOptions) -> None:
+    """Without a cluster to join, GPUs must be on this machine: fail before Ray starts."""
+    import ray
+
+    if opts.gpus_per_trial <= 0 or opts.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise UserError(
+            f"--gpus-per-trial {opts.gpus_per_trial} but this machine has no GPU visible to torch; "
+            "use --gpus-per-trial 0, or join a GPU cluster with --address"
+        )
+
+
 def _autoscaling() -> bool:
     return bool(os.environ.get("RAYREC_AUTOSCALING"))
 
@@ -231,11 +256,12 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
     from rayrec.data import load_split
     from rayrec.storage import check_writable, exists, join, read_yaml, write_yaml
 
+    check_writable(plan.storage)  # resumes too: the sweep keeps writing there
     if not opts.resume:
-        check_writable(plan.storage)
         if exists(join(plan.experiment, SPEC_FILE)):
             raise UserError(f"a sweep named '{plan.name}' already exists in {plan.storage}; use --resume or another --name")
     cfg = build_config(plan.model, plan.base)
+    _check_local_gpus(opts)
     if data is None:
         data = load_split(cfg.data)
     log.info(data.summary())
@@ -309,7 +335,7 @@ def _known_sweeps(storage: str) -> list[str]:
 def _fit(plan: Plan, data):
     from ray import tune
 
-    from rayrec.storage import pyarrow_filesystem
+    from rayrec.storage import pyarrow_filesystem, storage_environment
     from rayrec.tune.trainable import train_trial
 
     s, opts = plan.settings, plan.options
@@ -317,6 +343,7 @@ def _fit(plan: Plan, data):
         tune.with_parameters(
             train_trial, data=data, model=plan.model, base=plan.base,
             checkpoint_every=s["checkpoint_every"], cpus_per_trial=opts.cpus_per_trial,
+            storage_env=storage_environment(),  # in memory only; see rayrec.storage
         ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
@@ -336,6 +363,10 @@ def _fit(plan: Plan, data):
     # ('Summary name ... is illegal' for every metric with '@').
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Snapshot the experiment state after every controller step on local storage (cheap), so
+    # a driver killed right after a trial finished does not resume and rerun that trial; on
+    # object stores every snapshot is an upload, so at most every 5 s there.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0" if fs is None else "5")
     if opts.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{plan.name}", storage_filesystem=fs):
             raise UserError(f"sweep '{plan.name}' has no Ray experiment state to resume in {plan.storage}")
@@ -375,11 +406,12 @@ def _tune_config(plan: Plan):
         searcher = HyperOptSearch(n_initial_points=max(2, min(20, num_samples // 3)), random_state_seed=opts.seed)
         searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or _slots(opts))
         max_concurrent = None
-    elif s["search"] == "grid":
-        searcher = BasicVariantGenerator(random_state=opts.seed)
-        num_samples = 1  # a grid is covered exactly once
     else:
-        searcher = BasicVariantGenerator(random_state=opts.seed)
+        # Tune ignores max_concurrent_trials when given a generator instance; it takes its own limit.
+        searcher = BasicVariantGenerator(random_state=opts.seed, max_concurrent=max_concurrent or 0)
+        max_concurrent = None
+        if s["search"] == "grid":
+            num_samples = 1  # a grid is covered exactly once
     return tune.TuneConfig(metric=metric, mode=s["mode"], num_samples=num_samples, search_alg=searcher,
                            scheduler=scheduler, max_concurrent_trials=max_concurrent,
                            reuse_actors=False)
@@ -424,7 +456,7 @@ def classify(last: dict[str, Any], error: bool, max_epochs: int) -> str:
 def export_results(plan: Plan, results, data) -> SweepResult:
     import pandas as pd
 
-    from rayrec.storage import join, write_parquet, write_yaml
+    from rayrec.storage import join, to_url, write_parquet, write_yaml
     from rayrec.tune.trainable import evaluate_checkpoint_on_test, resolve_trial_config
 
     s = plan.settings
@@ -435,11 +467,17 @@ def export_results(plan: Plan, results, data) -> SweepResult:
     for result in results:
         frame = result.metrics_dataframe
         last = dict(result.metrics or {})
-        trial_id = last.get("trial_id") or os.path.basename(result.path or "")
+        # A PBT exploit copies the donor's last result into the trial, so take the id from the
+        # trial's own per-epoch log rather than from result.metrics.
+        if frame is not None and len(frame) and "trial_id" in frame:
+            trial_id = str(frame["trial_id"].iloc[0])
+        else:
+            trial_id = last.get("trial_id") or os.path.basename(result.path or "")
         if frame is not None and len(frame):
             frame = frame.copy()
             frame["trial_id"] = trial_id
             history.append(frame)
+            last = {**last, **frame.iloc[-1].to_dict(), "trial_id": trial_id}
         values = [v for v in (frame[metric].tolist() if frame is not None and metric in frame else []) if _finite(v)]
         best = better(values) if values else float("nan")
         sampled = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
@@ -450,6 +488,8 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             f"best_{metric}": best,
             f"last_{metric}": last.get(metric, float("nan")),
             "error": _first_line(result.error),
+            # Starts from a checkpoint: retries after a failure, sweep resumes, PBT exploits.
+            "restores": int((frame["restored_epoch"] > 0).sum()) if frame is not None and "restored_epoch" in frame else 0,
             **{f"config/{k}": v for k, v in sampled.items()},
         }
         for key in ("val_hr@10", "val_ndcg@10", "val_coverage@10", "train_loss"):
@@ -479,6 +519,9 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             "value": float(best_value),
             "config": flatten(resolved_dict),
         }
+        if best_result.checkpoint is not None:
+            # Its URL, for `rayrec train --init-from <sweep>` (path as Ray reports it, scheme restored).
+            best["checkpoint"] = to_url(plan.storage, best_result.checkpoint.path)
         if plan.options.evaluate_test and best_result.checkpoint is not None:
             with best_result.checkpoint.as_directory() as d:
                 best["test"] = evaluate_checkpoint_on_test(d, resolved_dict, data)
@@ -501,9 +544,17 @@ def export_results(plan: Plan, results, data) -> SweepResult:
 
 
 def _clean_history(frame):
+    """Per-epoch rows as the trials finally ran them.
+
+    A trial that restarts from an earlier checkpoint (after a killed driver, or a PBT
+    exploit of a donor behind it) reports some epochs again; the later report replaces the
+    earlier one, so each (trial, epoch) appears once and curves follow the final lineage.
+    """
     if not len(frame):
         return frame
-    keep = [c for c in frame.columns if not c.startswith("config/") and c not in ("hostname", "node_ip", "date", "timestamp", "time_since_restore", "iterations_since_restore", "done", "checkpoint_dir_name", "should_checkpoint")]
+    frame = frame.drop_duplicates(subset=["trial_id", "epoch"], keep="last").sort_values(["trial_id", "epoch"])
+    frame = frame.reset_index(drop=True)
+    keep = [c for c in frame.columns if not c.startswith("config/") and c not in ("date", "done", "should_checkpoint")]
     frame = frame[keep]
     # Parquet needs one type per column; mixed object columns become strings.
     for c in frame.columns:

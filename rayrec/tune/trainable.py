@@ -15,15 +15,17 @@ import logging
 import math
 import os
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
 import torch
-from ray import tune
+from ray import get_runtime_context, tune
 
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
+from rayrec.storage import apply_storage_environment
 from rayrec.train.trainer import Trainer, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,15 @@ def resolve_trial_config(model: str, base: dict[str, Any], sampled: dict[str, An
 
 
 def train_trial(config: dict[str, Any], data: SplitData | None = None, model: str = "", base: dict | None = None,
-                checkpoint_every: int = 1, cpus_per_trial: float = 1.0) -> None:
+                checkpoint_every: int = 1, cpus_per_trial: float = 1.0, storage_env: dict | None = None) -> None:
     """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher.
 
     Keys starting with '_' are control values, not config: `_fail_at_epoch` makes the trial
     raise once at that epoch (used by the tests of retry-from-checkpoint).
     """
+    apply_storage_environment(storage_env)  # before Ray's filesystem for this trial first connects
     fail_at_epoch = int(config.get("_fail_at_epoch", 0) or 0)
+    started = time.time()
     device, gpu_ids = trial_device()
     threads = max(1, int(math.ceil(cpus_per_trial)))
     cfg = resolve_trial_config(model, base or {}, config, threads, device)
@@ -103,9 +107,13 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
         metrics["optimizer_lr"] = tr.optimizer.param_groups[0]["lr"] if tr.optimizer is not None else float("nan")
         metrics["optimizer_weight_decay"] = tr.optimizer.param_groups[0]["weight_decay"] if tr.optimizer is not None else float("nan")
         metrics["config_lr"] = cfg.train.lr
+        metrics["config_weight_decay"] = cfg.train.weight_decay
         metrics["device"] = device
         metrics["gpu_ids"] = ",".join(str(g) for g in gpu_ids)
         metrics["pid"] = os.getpid()
+        metrics["node_id"] = get_runtime_context().get_node_id()  # which node ran this epoch
+        metrics["trial_started"] = started  # wall clock, to see which trials ran at once
+        metrics["reported_at"] = time.time()
         if reported["first"]:
             metrics.update(restored or {"restored_epoch": 0, "restored_checksum": float("nan")})
             reported["first"] = False

@@ -1,0 +1,302 @@
+"""Analysis of finished sweeps on hand-made trial tables (no Ray): narrowing, importance,
+robust config, diagnostics, confirmation statistics, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rayrec.cli import app
+from rayrec.errors import UserError
+from rayrec.tune.analysis import (
+    diagnose, export_robust, load_results, narrow_param, narrow_space, parameter_importance, pbt_lineage,
+    robust_params, write_narrowing,
+)
+from rayrec.tune.confirm import confirmation_stats, with_validation_in_train
+from rayrec.tune.space import Param, load_space
+
+SPACE = {
+    "model": "sasrec",
+    "stages": {"quick": {"num_samples": 12, "max_epochs": 4}, "medium": {"num_samples": 24, "max_epochs": 12}},
+    "fixed": {"train.patience": 3},
+    "params": {
+        "train.lr": {"dist": "loguniform", "low": 1e-5, "high": 1e-1},
+        "train.weight_decay": {"dist": "loguniform", "low": 0.01, "high": 0.3},
+        "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.5},
+        "model.blocks": {"dist": "int", "low": 1, "high": 4},
+        "model.loss": {"dist": "choice", "values": ["ce", "bce", "sampled_softmax"]},
+    },
+}
+BASE = {"model": {"name": "sasrec", "hidden": 16, "max_len": 16}, "data": {"synthetic_users": 150},
+        "train": {"epochs": 4, "metric": "ndcg@10", "patience": 3}}
+
+
+def write_sweep(root, trials: list[dict], history: pd.DataFrame | None = None, space: dict | None = None,
+                scheduler: str = "fifo", stage: str | None = "quick", name: str = "hand") -> str:
+    """A sweep directory as `rayrec sweep` exports it, from hand-made trial rows."""
+    path = os.path.join(str(root), name)
+    os.makedirs(path, exist_ok=True)
+    space = space or SPACE
+    spec = {
+        "model": "sasrec", "name": name, "space": space, "base": BASE,
+        "settings": {"metric": "ndcg@10", "mode": "max", "num_samples": len(trials), "max_epochs": 4,
+                     "search": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
+        "options": {"stage": stage}, "dataset": {"name": "synthetic", "fingerprint": "abc123"},
+    }
+    with open(os.path.join(path, "sweep.yaml"), "w") as fh:
+        yaml.safe_dump(spec, fh)
+    rows = []
+    for i, t in enumerate(trials):
+        row = {"trial_id": t.get("trial_id", f"t{i:02d}"), "status": t.get("status", "finished"),
+               "epochs": t.get("epochs", 4), "best_val_ndcg@10": t["value"], "error": t.get("error", "")}
+        row.update({f"config/{k}": v for k, v in t["config"].items()})
+        row["config/train.patience"] = 3
+        rows.append(row)
+    pd.DataFrame(rows).to_parquet(os.path.join(path, "trials.parquet"), index=False)
+    if history is None:
+        history = pd.DataFrame([
+            {"trial_id": r["trial_id"], "epoch": e, "val_ndcg@10": r["best_val_ndcg@10"] * e / r["epochs"],
+             "val_coverage@10": 0.5, "train_loss": 5.0 - e}
+            for r in rows if r["status"] != "errored" for e in range(1, r["epochs"] + 1)
+        ])
+    history.to_parquet(os.path.join(path, "history.parquet"), index=False)
+    return path
+
+
+def config(lr, dropout=0.3, blocks=2, loss="ce", wd=0.05):
+    return {"train.lr": lr, "model.dropout": dropout, "model.blocks": blocks, "model.loss": loss,
+            "train.weight_decay": wd}
+
+
+def ten_trials():
+    """Two clear winners (lr 1e-3 and 1e-2), eight losers spread over the rest of the space."""
+    top = [dict(value=0.40, config=config(1e-3, 0.2, 2, "ce", 0.01)),
+           dict(value=0.39, config=config(1e-2, 0.4, 3, "bce", 0.012))]
+    rest = [dict(value=0.10 + 0.01 * i, config=config(10 ** -(1.5 + 0.4 * i), 0.1 + 0.04 * i, 1 + i % 4,
+                                                      "sampled_softmax", 0.01 + 0.03 * i)) for i in range(8)]
+    return top + rest
+
+
+def test_narrowing_takes_the_top_fifth_log_aware_and_keeps_floors(tmp_path):
+    results = load_results(write_sweep(tmp_path, ten_trials()))
+    narrowing = narrow_space(results, threshold=0.0)  # no freezing: ranges only
+    p = narrowing.space.params
+    assert narrowing.top_trials == ["t00", "t01"]  # 20% of 10
+    # Log scale: 1e-3..1e-2 padded by a tenth of a decade on each side, not by 0.0009.
+    assert p["train.lr"].low == pytest.approx(10 ** -3.1, rel=1e-3)
+    assert p["train.lr"].high == pytest.approx(10 ** -1.9, rel=1e-3)
+    # Linear scale: 0.2..0.4 padded by 0.02.
+    assert (p["model.dropout"].low, p["model.dropout"].high) == pytest.approx((0.18, 0.42), rel=1e-3)
+    # Integers: exactly what the top trials used; choices: the values they used, in order.
+    assert (p["model.blocks"].low, p["model.blocks"].high) == (2, 3)
+    assert p["model.loss"].values == ["ce", "bce"]
+    # Weight decay 0.01..0.012 would pad below the 0.01 floor: the original low is kept.
+    assert p["train.weight_decay"].low == 0.01
+    assert narrowing.next_stage == "medium"
+    assert narrowing.space.sweep["num_samples"] == 24 and narrowing.space.sweep["max_epochs"] == 12
+
+
+def test_narrowing_without_padding_is_exactly_the_top_trials_range():
+    lr = Param("train.lr", "loguniform", low=1e-5, high=1e-1)
+    narrowed = narrow_param(lr, [1e-3, 3e-3, 1e-2], pad=0.0, min_share=0.0)
+    assert (narrowed.low, narrowed.high) == pytest.approx((1e-3, 1e-2), rel=1e-3)
+    # Top trials that agree on one choice: the parameter becomes fixed.
+    assert narrow_param(Param("model.loss", "choice", values=["ce", "bce"]), ["bce", "bce"]) == ("fixed", "bce")
+    # Two close values do not collapse the range: at least min_share of the original width (log units).
+    close = narrow_param(lr, [1e-3, 1.01e-3], pad=0.1, min_share=0.1)
+    assert math.log10(close.high / close.low) == pytest.approx(0.4, rel=1e-2)
+    assert close.low < 1e-3 < 1.01e-3 < close.high
+
+
+def test_narrow_freezes_unimportant_parameters_and_writes_a_loadable_space(tmp_path):
+    rng = np.random.default_rng(0)
+    trials = []
+    for i in range(30):
+        lr = 10 ** rng.uniform(-5, -1)
+        value = 0.4 - 0.04 * (math.log10(lr) + 3) ** 2
+        trials.append(dict(value=value, config=config(lr, rng.uniform(0.1, 0.5), 2, "ce", 0.05)))
+    path = write_sweep(tmp_path, trials)
+    results = load_results(path)
+    narrowing = narrow_space(results)
+    best = max(trials, key=lambda t: t["value"])
+    assert narrowing.importance.conclusive
+    assert "model.dropout" in narrowing.frozen
+    assert narrowing.space.fixed["model.dropout"] == pytest.approx(best["config"]["model.dropout"])
+    assert "train.lr" in narrowing.space.params
+    url = write_narrowing(results, narrowing)
+    loaded = load_space("sasrec", url)  # the same validation `rayrec sweep --space` applies
+    assert loaded.params.keys() == narrowing.space.params.keys()
+    assert open(url).read().startswith("# Search space narrowed by `rayrec narrow`")
+
+
+def test_importance_ranks_the_parameter_that_matters_first():
+    rng = np.random.default_rng(1)
+    n = 40
+    lr, dropout = 10 ** rng.uniform(-4, -2, n), rng.uniform(0.1, 0.5, n)
+    value = 0.3 - 0.05 * (np.log10(lr) + 3) ** 2 + rng.normal(0, 0.002, n)
+    trials = pd.DataFrame({"config/train.lr": lr, "config/model.dropout": dropout, "best_val_ndcg@10": value})
+    params = {"train.lr": Param("train.lr", "loguniform", 1e-4, 1e-2),
+              "model.dropout": Param("model.dropout", "uniform", 0.1, 0.5)}
+    imp = parameter_importance(trials, params, "best_val_ndcg@10")
+    assert imp.conclusive
+    assert list(imp.scores) == ["train.lr", "model.dropout"]
+    assert imp.scores["train.lr"] > 0.8 and imp.scores["model.dropout"] < 0.1
+    assert sum(imp.scores.values()) == pytest.approx(1.0)
+
+
+def test_importance_says_so_when_there_are_too_few_trials():
+    trials = pd.DataFrame({"config/train.lr": [1e-3, 1e-2, 1e-4], "best_val_ndcg@10": [0.1, 0.2, 0.3]})
+    imp = parameter_importance(trials, {"train.lr": Param("train.lr", "loguniform", 1e-5, 1e-1)}, "best_val_ndcg@10")
+    assert not imp.conclusive and imp.scores == {}
+    assert "3 completed trials" in imp.message and "at least 10" in imp.message
+
+
+def test_robust_config_averages_the_top_trials_and_builds_like_best_yaml(tmp_path):
+    lrs, dropouts, blocks = [1e-3, 1e-2, 1e-4, 1e-3, 1e-2], [0.2, 0.4, 0.3, 0.1, 0.5], [2, 3, 3, 2, 3]
+    losses = ["ce", "bce", "bce", "ce", "sampled_softmax"]
+    trials = [dict(value=0.5 - 0.01 * i, config=config(lrs[i], dropouts[i], blocks[i], losses[i], 0.02))
+              for i in range(5)] + [dict(value=0.1, config=config(1e-1, 0.5, 4, "bce", 0.3))]
+    results = load_results(write_sweep(tmp_path, trials))
+    top = results.ranked().head(5)
+    params = robust_params(top, results.space.params)
+    assert params["train.lr"] == pytest.approx(10 ** -2.8)  # geometric mean
+    assert params["model.dropout"] == pytest.approx(0.3)  # arithmetic mean
+    assert params["model.blocks"] == 3 and isinstance(params["model.blocks"], int)  # 2.6 rounded
+    assert params["model.loss"] == "ce"  # mode; the 2-2 tie goes to the better-ranked trial's value
+    assert params["train.weight_decay"] == pytest.approx(0.02)
+    url = export_robust(results, k=5)
+    assert url.endswith("robust.yaml")
+    from rayrec.cli import resolve_cli_config
+
+    cfg = resolve_cli_config(None, url, None, None, [])  # what `rayrec train --config robust.yaml` resolves
+    assert cfg.train.lr == pytest.approx(10 ** -2.8) and cfg.model.blocks == 3 and cfg.model.hidden == 16
+    resolved = yaml.safe_load(open(url))
+    assert set(resolved) == {"model", "data", "train"} and resolved["train"]["patience"] == 3
+
+
+def test_diagnostics_flag_overfitting_dead_training_and_coverage_collapse(tmp_path):
+    trials = [dict(trial_id="good", value=0.30, config=config(1e-3)),
+              dict(trial_id="overfit", value=0.28, config=config(2e-3)),
+              dict(trial_id="dead", value=0.05, status="early_stopped", epochs=2, config=config(1e-5)),
+              dict(trial_id="narrow", value=0.25, config=config(5e-3))]
+    rows = []
+    for t in trials:
+        for e in range(1, t.get("epochs", 4) + 1):
+            rows.append({"trial_id": t["trial_id"], "epoch": e, "val_ndcg@10": t["value"] * e / t.get("epochs", 4),
+                         "train_ndcg@10": t["value"] * e / t.get("epochs", 4) + (0.06 if t["trial_id"] == "overfit" else 0.01),
+                         "val_coverage@10": 0.02 if t["trial_id"] == "narrow" else 0.6, "train_loss": 4.0 - 0.5 * e})
+    results = load_results(write_sweep(tmp_path, trials, history=pd.DataFrame(rows)))
+    d = diagnose(results).set_index("trial_id")
+    assert d.loc["overfit", "overfitting"] and d.loc["overfit", "train_val_gap"] == pytest.approx(0.06)
+    assert not d.loc["good", "overfitting"] and d.loc["good", "flags"] == ""
+    assert d.loc["dead", "dead"] and "early-stopped at epoch 2" in d.loc["dead", "flags"]
+    assert d.loc["narrow", "coverage_collapse"] and not d.loc["good", "coverage_collapse"]
+
+
+def test_identical_metrics_across_trials_are_dead_training(tmp_path):
+    trials = [dict(value=0.123, config=config(10 ** -(2 + i))) for i in range(3)]
+    d = diagnose(load_results(write_sweep(tmp_path, trials)))
+    assert d["dead"].all() and d["flags"].str.contains("same metric").all()
+
+
+def test_pbt_lineage_finds_the_donor_and_the_config_change():
+    history = pd.DataFrame([
+        {"trial_id": "a", "epoch": 1, "weights_checksum": 1.0, "restored_epoch": 0, "restored_checksum": np.nan, "config_lr": 1e-3},
+        {"trial_id": "a", "epoch": 2, "weights_checksum": 2.0, "restored_epoch": np.nan, "restored_checksum": np.nan, "config_lr": 1e-3},
+        {"trial_id": "b", "epoch": 1, "weights_checksum": 5.0, "restored_epoch": 0, "restored_checksum": np.nan, "config_lr": 1e-2},
+        {"trial_id": "b", "epoch": 2, "weights_checksum": 6.0, "restored_epoch": np.nan, "restored_checksum": np.nan, "config_lr": 1e-2},
+        # b clones a's epoch-2 weights, then trains on with a perturbed lr.
+        {"trial_id": "b", "epoch": 3, "weights_checksum": 2.5, "restored_epoch": 2, "restored_checksum": 2.0, "config_lr": 1.2e-3},
+    ])
+    lineage = pbt_lineage(history)
+    assert lineage.to_dict("records") == [{"epoch": 2, "trial_id": "b", "donor": "a", "changes": "lr 0.001->0.0012"}]
+
+
+def test_confirmation_statistics_on_known_numbers():
+    runs = pd.DataFrame({
+        "candidate": ["rank1"] * 3 + ["rank2"] * 3,
+        "trial_id": ["t1"] * 3 + ["t2"] * 3,
+        "tuning_value": [0.33] * 3 + [0.252] * 3,
+        "val_ndcg@10": [0.30, 0.31, 0.32, 0.250, 0.251, 0.252],
+    })
+    stats = confirmation_stats(runs, "val_ndcg@10").set_index("candidate")
+    r1, r2 = stats.loc["rank1"], stats.loc["rank2"]
+    assert (r1["mean"], r1["std"], r1["min"], r1["max"]) == pytest.approx((0.31, 0.01, 0.30, 0.32))
+    assert r1["unstable"] and r1["disagrees"] and r1["shortfall"] == pytest.approx(0.02)
+    assert "unstable" in r1["flags"] and "tuning and training disagree" in r1["flags"]
+    assert r2["std"] == pytest.approx(0.001) and not r2["unstable"] and not r2["disagrees"] and r2["flags"] == ""
+    # Thresholds are options; for a metric to minimise, falling short means coming out higher.
+    loose = confirmation_stats(runs, "val_ndcg@10", max_std=0.02, tolerance=0.05).set_index("candidate")
+    assert not loose["unstable"].any() and not loose["disagrees"].any()
+    assert confirmation_stats(runs, "val_ndcg@10", mode="min").set_index("candidate").loc["rank1", "shortfall"] == pytest.approx(-0.02)
+
+
+def test_train_on_valid_moves_validation_items_into_training():
+    from rayrec.data.types import CSR, SplitData
+
+    data = SplitData(name="t", n_users=2, n_items=6, train=CSR.from_lists([[1, 2], [3]]),
+                     valid=CSR.from_lists([[4], [5]]), test=CSR.from_lists([[6], [1]]), ordered=True, fingerprint="f")
+    merged = with_validation_in_train(data)
+    assert merged.train.row(0).tolist() == [1, 2, 4] and merged.train.row(1).tolist() == [3, 5]
+    assert merged.valid.nnz == 0 and merged.test.row(0).tolist() == [6]
+    assert merged.history("test").row(0).tolist() == [1, 2, 4]
+
+
+runner = CliRunner()
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_narrowing_with_too_few_trials_is_a_one_line_error(tmp_path):
+    trials = [dict(value=0.1 * i, config=config(10 ** -(2 + i))) for i in range(1, 4)]
+    trials += [dict(value=float("nan"), status="errored", error="CUDA out of memory", config=config(1e-3))] * 2
+    write_sweep(tmp_path, trials)
+    line = one_line_error(runner.invoke(app, ["narrow", "hand", "--storage", str(tmp_path)]))
+    assert "3 completed trial(s)" in line and "at least 5" in line
+    with pytest.raises(UserError):
+        narrow_space(load_results(os.path.join(tmp_path, "hand")))
+
+
+def test_narrow_command_writes_next_space_robust_and_diagnostics(tmp_path):
+    path = write_sweep(tmp_path, ten_trials())
+    result = runner.invoke(app, ["narrow", path])
+    assert result.exit_code == 0, result.output
+    assert "importance" in result.output and "--from" in result.output
+    for name in ("next_space.yaml", "narrow.yaml", "robust.yaml", "diagnostics.parquet"):
+        assert os.path.getsize(os.path.join(path, name)) > 0, name
+    assert yaml.safe_load(open(os.path.join(path, "narrow.yaml")))["next_stage"] == "medium"
+
+
+def test_sweep_from_uses_the_narrowed_space_and_the_sweeps_base(tmp_path):
+    from rayrec.tune.sweep import SweepOptions, plan_sweep
+
+    path = write_sweep(tmp_path, ten_trials())
+    results = load_results(path)
+    write_narrowing(results, narrow_space(results, threshold=0.0))
+    plan = plan_sweep(SweepOptions(model="sasrec", from_sweep="hand", storage=str(tmp_path)))
+    assert plan.space.params["model.loss"].values == ["ce", "bce"]
+    assert plan.settings["num_samples"] == 24 and plan.settings["max_epochs"] == 12  # the medium stage
+    assert plan.base["model"]["hidden"] == 16 and plan.base["data"]["synthetic_users"] == 150
+    assert plan.base["train"]["epochs"] == 12
+    with pytest.raises(UserError, match="--from and --space"):
+        plan_sweep(SweepOptions(model="sasrec", from_sweep=path, space=path + "/next_space.yaml"))
+
+
+def test_missing_sweeps_and_spaces_are_one_line_errors(tmp_path):
+    line = one_line_error(runner.invoke(app, ["confirm", "nope", "--storage", str(tmp_path)]))
+    assert "no sweep at 'nope'" in line
+    one_line_error(runner.invoke(app, ["final", str(tmp_path / "nope")]))
+    write_sweep(tmp_path, ten_trials())
+    line = one_line_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
+    assert "rayrec narrow hand" in line

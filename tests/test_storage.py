@@ -1,0 +1,311 @@
+"""Storage URLs against a real S3 protocol: moto's server on 127.0.0.1, started here.
+
+Pre-flight errors (malformed URL, unknown protocol, unreachable endpoint, missing bucket, no
+write permission) go through the CLI; a sweep writes to s3://, is killed and resumed from
+there, survives a storage outage, and its best checkpoint is loaded back from S3. Nothing
+written anywhere may contain the secret key or the endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rayrec.cli import app
+from rayrec.errors import UserError
+from rayrec.storage import check_writable, display, pyarrow_filesystem, split_url, storage_environment
+
+BUCKET = "rayrec-test"
+SECRET = "rayrec-test-secret-6b1f0c2a9e"
+TINY = [
+    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
+    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 on a fixed loopback port that can be stopped and started again (an outage)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        deadline = time.time() + 10
+        while True:
+            try:
+                self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+                self._server.start()
+                return
+            except OSError:  # the port may linger for a moment after a stop
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A bucket on a loopback S3 server; the standard AWS variables point at it (module-wide)."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
+    server = S3Server()
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "rayrec-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": server.endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            mp.delenv(key, raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield server
+    server.stop()
+
+
+def run_cli(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, (result.stderr if hasattr(result, "stderr") else result.output).strip()
+
+
+# --- URL parsing (no server) ---------------------------------------------------------------
+@pytest.mark.parametrize("url, message", [
+    ("s3:/bucket/prefix", "malformed storage URL"),
+    ("s3://", "no bucket"),
+    ("s3://Not_A_Bucket/x", "not a valid bucket name"),
+    ("nosuchproto://bucket/x", "unknown storage protocol 'nosuchproto'"),
+    ("s3://user:pw@bucket/x", "carries credentials"),
+    ("s3://bucket/x?endpoint_override=http://h:9000", "carries credentials or options"),
+])
+def test_bad_urls_are_one_line_user_errors(url, message):
+    with pytest.raises(UserError, match=message) as err:
+        split_url(url)
+    assert "\n" not in str(err.value)
+    assert "pw@" not in str(err.value) and "h:9000" not in str(err.value)
+
+
+def test_local_and_file_urls_reach_ray_as_plain_paths(tmp_path):
+    assert pyarrow_filesystem(str(tmp_path)) == (None, str(tmp_path))
+    assert pyarrow_filesystem(f"file://{tmp_path}") == (None, str(tmp_path))
+    fs, path = split_url("memory://bucket/prefix")
+    assert path == "/bucket/prefix" and "memory" in fs.protocol
+    assert display("s3://k:secret@bucket/p?x=1") == "s3://***@bucket/p?..."
+
+
+# --- pre-flight probe through the CLI -----------------------------------------------------------
+def test_probe_errors_exit_2_before_any_trial(s3, tmp_path, monkeypatch):
+    """Each bad storage is one line on stderr, exit status 2, within seconds, before Ray starts."""
+    import ray
+
+    was_running = ray.is_initialized()
+    common = ["sweep", "sasrec", "--num-samples", "1", "--max-epochs", "1", "--grace-period", "1", "--scheduler", "fifo", "--search", "random",
+              "--wandb", "off", "--name", "probe"]
+    cases = {
+        "malformed": (["--storage", "s3:/rayrec-test/x"], "malformed storage URL"),
+        "unknown protocol": (["--storage", "nosuchproto://b/x"], "unknown storage protocol"),
+        "missing bucket": (["--storage", "s3://no-such-bucket/x"], "bucket 'no-such-bucket' does not exist"),
+    }
+    for label, (args, expected) in cases.items():
+        code, err = run_cli(*common, *args)
+        assert code == 2, (label, err)
+        assert expected in err and len(err.splitlines()) == 1, (label, err)
+
+    # No write permission: a read-only IAM user on a server that enforces IAM.
+    code, err = _with_read_only_user(s3, lambda: run_cli(*common, "--storage", f"s3://{BUCKET}/ro"))
+    assert code == 2 and "no permission to write to storage" in err and len(err.splitlines()) == 1, err
+
+    # Unreachable endpoint: a closed port. The probe gives up at once, not after botocore's retry loop.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    started = time.time()
+    code, err = run_cli(*common, "--storage", f"s3://{BUCKET}/x")
+    assert code == 2 and "cannot reach storage" in err and len(err.splitlines()) == 1, err
+    assert time.time() - started < 10
+    # The endpoint is named by its variable, never by value.
+    assert "$AWS_ENDPOINT_URL" in err and "127.0.0.1" not in err
+
+    # `rayrec train --output` goes through the same probe.
+    code, err = run_cli("train", "sasrec", "--epochs", "1", "--output", f"s3://{BUCKET}/run", *sum((["--set", s] for s in TINY), []))
+    assert code == 2 and "cannot reach storage" in err, err
+    assert ray.is_initialized() == was_running, "a failed probe must not start Ray"
+
+
+def _with_read_only_user(server: S3Server, fn):
+    """Run fn as an IAM user allowed only to read, with moto enforcing IAM meanwhile."""
+    import boto3
+    import requests
+
+    iam = boto3.client("iam")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+    }))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    saved = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    requests.post(f"{server.endpoint}/moto-api/reset-auth", data=b"0")
+    os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+    try:
+        return fn()
+    finally:
+        os.environ.update(saved)
+        requests.post(f"{server.endpoint}/moto-api/reset-auth", data=b"inf")
+
+
+def test_probe_writes_and_cleans_up(s3):
+    import s3fs
+
+    check_writable(f"s3://{BUCKET}/clean")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert not [p for p in fs.find(f"{BUCKET}/clean") if ".rayrec-write-probe" in p]
+    # Credentials and the endpoint reach trials only in memory; the variables are the standard ones.
+    env = storage_environment()
+    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET and env["AWS_ENDPOINT_URL"] == s3.endpoint
+
+
+# --- sweeps on S3 ----------------------------------------------------------------------------
+def tiny_space(tmp_path) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"model": "sasrec", "params": {
+        "train.lr": {"dist": "loguniform", "low": 1e-3, "high": 3e-2}}}))
+    return str(path)
+
+
+def s3fs_fresh():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def terminated_trials(fs, experiment: str) -> set[str]:
+    """Trials the experiment state on S3 already records as finished (what a resume keeps)."""
+    done: set[str] = set()
+    for path in fs.glob(f"{experiment}/experiment_state-*.json"):
+        try:
+            state = json.loads(fs.cat(path))
+        except (ValueError, FileNotFoundError):
+            continue
+        for trial_json, _ in state["trial_data"]:
+            trial = json.loads(trial_json)
+            if trial["status"] == "TERMINATED":
+                done.add(trial["trial_id"])
+    return done
+
+
+def sweep_cmd(space: str, name: str, storage: str, address: str, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "rayrec", "sweep", "sasrec", "--space", space, "--name", name, "--storage", storage,
+           "--search", "random", "--scheduler", "fifo", "--cpus-per-trial", "0.5", "--address", address, *extra]
+    for s in TINY:
+        cmd += ["--set", s]
+    return cmd
+
+
+@pytest.mark.ray
+def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back(s3, ray_session, tmp_path):
+    fs = s3fs_fresh()
+    storage, name = f"s3://{BUCKET}/sweeps", "killed"
+    experiment = f"{BUCKET}/sweeps/{name}"
+    address = ray_session.get_runtime_context().gcs_address
+    log = open(tmp_path / "driver.log", "wb")
+    cmd = sweep_cmd(tiny_space(tmp_path), name, storage, address, "--num-samples", "3", "--max-epochs", "3",
+                    "--max-concurrent", "1", "--wandb", "offline", "--no-test")
+    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "WANDB_MODE": "offline"})
+    deadline, finished = time.time() + 240, set()
+    try:
+        while time.time() < deadline and not finished:
+            time.sleep(1.0)
+            fs.invalidate_cache()
+            finished = terminated_trials(fs, experiment)
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        log.close()
+    assert finished, "no trial finished on S3 before the deadline"
+    # What the killed driver left on S3: checkpoints written by the trials themselves.
+    assert fs.glob(f"{experiment}/train_trial_*/checkpoint_*/trainer.pt")
+    before = {t: _last_result(fs, experiment, t) for t in finished}
+
+    code, out = _cli_out("sweep", "--resume", "--name", name, "--storage", storage, "--address", address,
+                         "--cpus-per-trial", "0.5", "--wandb", "off")
+    assert code == 0, out
+    fs.invalidate_cache()
+    from rayrec.storage import read_parquet, read_yaml
+
+    trials = read_parquet(f"{storage}/{name}/trials.parquet")
+    assert len(trials) == 3 and (trials["status"] == "finished").all(), trials[["trial_id", "status", "epochs"]]
+    history = read_parquet(f"{storage}/{name}/history.parquet")
+    for trial_id, group in history.groupby("trial_id"):
+        assert sorted(set(group["epoch"])) == [1, 2, 3], (trial_id, group["epoch"].tolist())
+    for trial_id, result in before.items():  # finished before the kill: kept as they were
+        row = history[(history["trial_id"] == trial_id) & (history["epoch"] == 3)]
+        assert row["val_ndcg@10"].iloc[0] == pytest.approx(result["val_ndcg@10"])
+        rows = history[history["trial_id"] == trial_id]
+        assert len(rows) == 3 and (rows["restored_epoch"].fillna(0) == 0).all(), "a finished trial was rerun"
+    summary = read_yaml(f"{storage}/{name}/summary.yaml")
+    assert summary["best"]["checkpoint"].startswith(f"s3://{BUCKET}/sweeps/{name}/")
+
+    # The best checkpoint, loaded back from S3 by `rayrec train --init-from <sweep URL>`.
+    run_url = f"s3://{BUCKET}/runs/warm"
+    code, out = _cli_out("train", "--config", f"{storage}/{name}/best.yaml", "--init-from", f"{storage}/{name}",
+                         "--epochs", "1", "--output", run_url, "--no-progress")
+    assert code == 0, out
+    from rayrec.train.run import load_checkpoint, sweep_best_checkpoint
+
+    best = sweep_best_checkpoint(f"{storage}/{name}")
+    assert best["meta"]["trial_id"] == summary["best"]["trial_id"]
+    assert load_checkpoint(f"{run_url}/checkpoint.pt")["meta"]["fingerprint"] == summary["fingerprint"]
+
+    # Neither the secret key nor the endpoint appears in anything written: results, Ray's state
+    # (pickles included), W&B's offline files, the run directory, or the driver's output.
+    _assert_no_secrets(fs, [experiment, f"{BUCKET}/runs/warm"], extra=[(tmp_path / "driver.log").read_bytes(), out.encode()],
+                       endpoint=s3.endpoint)
+    assert fs.glob(f"{experiment}/train_trial_*/wandb/offline-run-*/run-*.wandb"), "W&B offline runs were not kept"
+
+
+def _last_result(fs, experiment: str, trial_id: str) -> dict:
+    (path,) = fs.glob(f"{experiment}/train_trial_{trial_id}_*/result.json")
+    return json.loads(fs.cat(path).decode().strip().splitlines()[-1])
+
+
+def _cli_out(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output + (str(result.exception) if result.exception else "")
+
+
+def _assert_no_secrets(fs, prefixes: list[str], extra: list[bytes], endpoint: str) -> None:
+    host = endpoint.split("://", 1)[1]
+    needles = [SECRET.encode(), host.encode()]
+    needles += [n.hex().encode() for n in needles]  # Ray stores pickles hex-encoded in its JSON state
+    blobs = [(p, fs.cat(p)) for prefix in prefixes for p in fs.find(prefix)]
+    assert len(blobs) > 10
+    blobs += [(f"extra{i}", b) for i, b in enumerate(extra)]
+    leaks = [(path, n) for path, blob in blobs for n in needles if n in blob]
+    assert not leaks, leaks

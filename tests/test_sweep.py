@@ -1,0 +1,216 @@
+"""Sweeps on the shared Ray instance: pruning, PBT exploits, search algorithms, parity,
+failure retry, resume after a killed driver, GPU packing. Tiny data and models throughout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from rayrec.config import build_config
+from rayrec.storage import read_parquet
+from rayrec.tune.sweep import SweepOptions, run_sweep
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
+    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
+]
+
+
+def tiny_space(tmp_path, params: dict, mutate: list[str] | None = None, fixed: dict | None = None) -> str:
+    space = {"model": "sasrec", "fixed": fixed or {}, "params": params}
+    if mutate:
+        space["pbt"] = {"mutate": mutate}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+LR = {"dist": "loguniform", "low": 1e-4, "high": 3e-2}
+WD = {"dist": "loguniform", "low": 0.01, "high": 0.3}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    from rayrec.data import load_split
+
+    return load_split(build_config("sasrec", overrides=dict(s.split("=") for s in TINY[:3])).data)
+
+
+def sweep(tmp_path, data, **kwargs):
+    opts = SweepOptions(model="sasrec", storage=str(tmp_path / "sweeps"), sets=list(TINY), wandb="off",
+                        cpus_per_trial=0.5, verbose=0, **kwargs)
+    return run_sweep(opts, data=data)
+
+
+def test_asha_prunes_some_trials_and_lets_others_finish(ray_session, tmp_path, tiny_data):
+    space = tiny_space(tmp_path, {"train.lr": LR})
+    result = sweep(tmp_path, tiny_data, space=space, name="asha", search="random", scheduler="asha",
+                   num_samples=9, max_epochs=6, grace_period=1, reduction_factor=3, seed=3)
+    history = read_parquet(os.path.join(result.experiment, "history.parquet"))
+    epochs = history.groupby("trial_id")["epoch"].max()
+    assert len(epochs) == 9
+    assert (epochs == 1).any(), f"no trial stopped at the grace period: {epochs.to_dict()}"
+    assert (epochs == 6).any(), f"no trial reached max epochs: {epochs.to_dict()}"
+    trials = read_parquet(os.path.join(result.experiment, "trials.parquet"))
+    assert set(trials["status"]) <= {"pruned", "finished", "early_stopped"}
+    assert (trials["status"] == "pruned").sum() == (epochs < 6).sum()
+    # Test metrics never reach Tune.
+    assert not [c for c in history.columns if c.startswith("test")]
+
+
+def test_pbt_exploit_continues_from_donor_weights_with_mutated_config(ray_session, tmp_path, tiny_data):
+    space = tiny_space(tmp_path, {"train.lr": LR, "train.weight_decay": WD}, mutate=["train.lr", "train.weight_decay"])
+    result = sweep(tmp_path, tiny_data, space=space, name="pbt", search="random", scheduler="pbt",
+                   num_samples=4, max_epochs=6, perturbation_interval=2, quantile_fraction=0.25, pbt_synch=True,
+                   seed=1)
+    history = read_parquet(os.path.join(result.experiment, "history.parquet"))
+    restored = history[history["restored_epoch"] > 0]
+    exploits = 0
+    for _, row in restored.iterrows():
+        at_epoch = history[history["epoch"] == row["restored_epoch"]]
+        match = at_epoch[np.isclose(at_epoch["weights_checksum"], row["restored_checksum"], rtol=0, atol=1e-6)]
+        # Every restore starts from weights some trial reported at that epoch: its own after a
+        # synch pause, or a donor's after an exploit.
+        assert len(match), f"restore from unknown weights: {row.to_dict()}"
+        # The restored optimiser uses the trial's own (possibly mutated) weight decay.
+        assert row["optimizer_weight_decay"] == pytest.approx(row["config_weight_decay"])
+        donors = match[match["trial_id"] != row["trial_id"]]
+        if len(donors) and not (match["trial_id"] == row["trial_id"]).any():
+            exploits += 1
+            assert row["config_lr"] != pytest.approx(donors.iloc[0]["config_lr"]), "exploit did not mutate train.lr"
+    assert exploits >= 1, "PBT never exploited"
+    assert result.trials["trial_id"].nunique() == 4
+
+
+def test_grid_covers_its_grid_exactly_once_and_best_config_reproduces(ray_session, tmp_path, tiny_data):
+    space = tiny_space(tmp_path, {
+        "train.lr": {**LR, "grid": [1e-3, 1e-2]},
+        "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.5, "grid": [0.1, 0.3]},
+    })
+    result = sweep(tmp_path, tiny_data, space=space, name="grid", search="grid", scheduler="fifo", max_epochs=2)
+    trials = result.trials
+    combos = sorted(zip(trials["config/train.lr"], trials["config/model.dropout"]))
+    assert combos == sorted([(a, b) for a in (1e-3, 1e-2) for b in (0.1, 0.3)])
+    assert (trials["status"] == "finished").all()
+
+    # Parity: `rayrec train --config best.yaml` reproduces the best trial's validation metric.
+    from rayrec.config import config_from_dict, load_yaml
+    from rayrec.train.run import train_run
+
+    cfg = config_from_dict(load_yaml(os.path.join(result.experiment, "best.yaml")))
+    run = train_run(cfg, tiny_data, output=str(tmp_path / "retrain"))
+    assert run.fit.best_metrics["val_ndcg@10"] == pytest.approx(result.best["value"], abs=1e-6)
+    # The best checkpoint was evaluated on test once, with the same weights.
+    assert result.best["test"]["ndcg@10"] == pytest.approx(run.test_metrics["ndcg@10"], abs=1e-6)
+
+
+def test_hyperopt_and_random_search_run(ray_session, tmp_path, tiny_data):
+    space = tiny_space(tmp_path, {"train.lr": LR, "model.loss": {"dist": "choice", "values": ["ce", "bce"]}})
+    for search in ("hyperopt", "random"):
+        result = sweep(tmp_path, tiny_data, space=space, name=f"s-{search}", search=search, scheduler="fifo",
+                       num_samples=3, max_epochs=1, evaluate_test=False)
+        assert len(result.trials) == 3
+        assert (result.trials["status"] == "finished").all()
+        assert result.trials["config/train.lr"].nunique() == 3
+
+
+def test_failed_trial_is_retried_from_its_checkpoint(ray_session, tmp_path, tiny_data):
+    from ray import tune
+
+    space = tiny_space(tmp_path, {"train.lr": {**LR, "grid": [3e-3]}})
+    result = sweep(tmp_path, tiny_data, space=space, name="retry", search="grid", scheduler="fifo", max_epochs=3,
+                   max_failures=1, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False)
+    trials = result.trials
+    assert len(trials) == 2 and (trials["status"] == "finished").all()
+    history = result.history
+    restored = history[history["restored_epoch"] > 0]
+    assert len(restored) == 1 and restored.iloc[0]["restored_epoch"] == 1, "retry did not resume from epoch 1"
+    assert trials["restores"].sum() == 1
+
+    # Without retries the failure is recorded, and the other trial still finishes.
+    result = sweep(tmp_path, tiny_data, space=space, name="noretry", search="grid", scheduler="fifo", max_epochs=3,
+                   max_failures=0, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False)
+    statuses = sorted(result.trials["status"])
+    assert statuses == ["errored", "finished"]
+    assert "injected failure" in result.trials.loc[result.trials["status"] == "errored", "error"].iloc[0]
+
+
+def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_session, tmp_path, tiny_data):
+    space = tiny_space(tmp_path, {"train.lr": LR})
+    result = sweep(tmp_path, tiny_data, space=space, name="pack", search="random", scheduler="fifo",
+                   num_samples=4, max_epochs=3, gpus_per_trial=0.25, evaluate_test=False)
+    history = result.history
+    assert set(history["gpu_ids"].astype(str)) == {"0"}
+    spans = history.groupby("trial_id").agg(start=("trial_started", "min"), end=("reported_at", "max"))
+    # All four ran at the same time: the last trial to start did so before the first one ended.
+    assert spans["start"].max() < spans["end"].min(), spans
+
+
+def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_path):
+    space = tiny_space(tmp_path, {"train.lr": LR})
+    storage = tmp_path / "sweeps"
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "rayrec", "sweep", "sasrec", "--space", space, "--name", "killed",
+           "--storage", str(storage), "--search", "random", "--scheduler", "fifo", "--num-samples", "4",
+           "--max-epochs", "4", "--max-concurrent", "1", "--cpus-per-trial", "1", "--wandb", "off",
+           "--address", address, "--no-test"]
+    for s in TINY:
+        cmd += ["--set", s]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    experiment = storage / "killed"
+    deadline = time.time() + 240
+    finished: set[str] = set()
+    try:
+        while time.time() < deadline and len(finished) < 2:
+            time.sleep(0.5)
+            finished = _finished_trials(experiment, max_epochs=4)
+            assert driver.poll() is None, "driver exited before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert len(finished) >= 2, "no trial finished before the deadline"
+    time.sleep(1.0)
+
+    result = run_sweep(SweepOptions(name="killed", storage=str(storage), resume=True, wandb="off", verbose=0,
+                                    cpus_per_trial=1, evaluate_test=False))
+    trials = result.trials
+    assert len(trials) == 4
+    assert (trials["status"] == "finished").all()
+    history = result.history
+    assert sorted(history.groupby("trial_id")["epoch"].max()) == [4, 4, 4, 4]
+    assert sorted(history.groupby("trial_id")["epoch"].count()) == [4, 4, 4, 4]
+    # Trials that finished before the kill were kept, not rerun: one process, no restore.
+    assert finished <= set(trials["trial_id"])
+    for trial_id in finished:
+        rows = history[history["trial_id"] == trial_id]
+        assert rows["pid"].nunique() == 1
+        assert trials.loc[trials["trial_id"] == trial_id, "restores"].iloc[0] == 0
+    # A trial cut off mid-way continued from its checkpoint, not from scratch.
+    resumed = history[history["restored_epoch"] > 0]
+    assert set(resumed["trial_id"]).isdisjoint(finished)
+
+
+def _finished_trials(experiment, max_epochs: int) -> set[str]:
+    import json
+
+    done = set()
+    if not experiment.exists():
+        return done
+    for trial_dir in experiment.glob("train_trial_*"):
+        result_file = trial_dir / "result.json"
+        if not result_file.exists():
+            continue
+        lines = [json.loads(l) for l in result_file.read_text().splitlines() if l.strip()]
+        if lines and lines[-1].get("epoch") == max_epochs:
+            done.add(lines[-1]["trial_id"])
+    return done
