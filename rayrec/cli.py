@@ -214,15 +214,19 @@ def narrow(
     pad: float = typer.Option(0.1, "--pad", help="Widen each narrowed range by this share of its width (log scale for log parameters)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="Budget of the next stage (default: the stage after the sweep's)."),
     top_k: int = typer.Option(5, "--top-k", help="Trials averaged into robust.yaml."),
+    min_importance_trials: int = typer.Option(10, "--min-importance-trials", help="Fewest completed trials to compute importance from (else nothing is frozen)."),
 ) -> None:
     """Write the next stage's search space (next_space.yaml), robust.yaml and diagnostics from a finished sweep."""
     from rayrec.tune.analysis import export_robust, load_results, narrow_space, write_diagnostics, write_narrowing
 
     results = load_results(sweep_dir, storage)
     narrowing = narrow_space(results, top_fraction=top_fraction, threshold=threshold, min_trials=min_trials,
-                             pad=pad, next_stage=stage)
+                             pad=pad, next_stage=stage, min_importance_trials=min_importance_trials)
     url = write_narrowing(results, narrowing)
-    robust = export_robust(results, top_k)
+    try:
+        robust = export_robust(results, top_k)
+    except UserError as exc:  # an invalid average must not cost the user the narrowed space
+        robust = f"not written: {exc}"
     diagnostics = write_diagnostics(results)
     imp = narrowing.importance
     if imp.conclusive:

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayrec.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +256,9 @@ def importance_figure(importance) -> bytes:
     fig = _figure(7, max(2.5, 0.4 * len(names) + 1.2))
     ax = fig.add_subplot()
     ax.barh(names, [importance.scores[n] for n in names], color="tab:orange")
-    ax.axvline(0.05, color="0.4", linestyle="--", linewidth=0.8, label="freeze threshold 0.05")
+    ax.axvline(0.05, color="0.4", linestyle="--", linewidth=0.8, label="rayrec narrow freezes below 0.05 (default)")
     ax.set_xlabel("share of importance (sums to 1)")
-    ax.set_title(f"Parameter importance: {importance.method}, {importance.n_trials} trials")
+    ax.set_title(f"Parameter importance (random forest, permutation; {importance.n_trials} trials)")
     ax.legend(fontsize=8)
     return _png(fig)
 

@@ -113,6 +113,15 @@ def test_grid_covers_its_grid_exactly_once_and_best_config_reproduces(ray_sessio
     # The best checkpoint was evaluated on test once, with the same weights.
     assert result.best["test"]["ndcg@10"] == pytest.approx(run.test_metrics["ndcg@10"], abs=1e-6)
 
+    # Resuming with a changed search space is refused, naming the change, before Ray runs anything.
+    from rayrec.errors import UserError
+
+    changed = tiny_space(tmp_path, {"train.lr": {**LR, "grid": [1e-3, 3e-2]},
+                                    "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.5, "grid": [0.1, 0.3]}})
+    with pytest.raises(UserError, match=r"changed search space \(params.train.lr"):
+        run_sweep(SweepOptions(model="sasrec", name="grid", storage=str(tmp_path / "sweeps"), space=changed,
+                               resume=True, wandb="off", verbose=0))
+
 
 def test_hyperopt_and_random_search_run(ray_session, tmp_path, tiny_data):
     space = tiny_space(tmp_path, {"train.lr": LR, "model.loss": {"dist": "choice", "values": ["ce", "bce"]}})

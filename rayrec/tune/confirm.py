@@ -67,7 +67,10 @@ class ConfirmResult:
 
 
 def candidates(results: SweepResults, top: int, robust: bool = False, robust_k: int = 5) -> list[Candidate]:
-    """The top trials' resolved configs (as each trial trained), and optionally the robust one."""
+    """The top trials' resolved configs (as each trial trained), and optionally the robust one.
+
+    A PBT trial's config is the one it ended with; its schedule of mutations and inherited
+    weights cannot be replayed, so confirmation retrains that final config from scratch."""
     from rayrec.config import build_config
 
     if top < 1:

@@ -116,10 +116,14 @@ class SearchSpace:
 
     # --- Ray Tune domains (imports Ray) ---------------------------------------------------
     def tune_domains(self, search: str) -> dict[str, Any]:
-        """Flat dotted keys -> Tune domains (or grid_search), plus fixed values."""
+        """Flat dotted keys -> Tune domains (or grid_search).
+
+        Fixed values are not here: the sweep merges them into every trial's base config,
+        below the user's --set overrides, so `--set` wins over the space's `fixed`.
+        """
         from ray import tune
 
-        space: dict[str, Any] = dict(self.fixed)
+        space: dict[str, Any] = {}
         for key, p in self.params.items():
             if search == "grid":
                 space[key] = tune.grid_search(p.grid_values())

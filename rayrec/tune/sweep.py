@@ -254,8 +254,12 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
     else:
         plan = plan_sweep(opts)
     from rayrec.data import load_split
+    from rayrec.models import check_model_data
     from rayrec.storage import check_writable, exists, join, read_yaml, write_yaml
 
+    from rayrec.tracking import wandb_mode
+
+    plan.options.wandb = wandb_mode(plan.options.wandb)  # resolved once, before Ray: bad values exit 2 here
     check_writable(plan.storage)  # resumes too: the sweep keeps writing there
     if not opts.resume:
         if exists(join(plan.experiment, SPEC_FILE)):
@@ -264,13 +268,18 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
     _check_local_gpus(opts)
     if data is None:
         data = load_split(cfg.data)
+    check_model_data(plan.model, data)  # e.g. a sequential model on unordered data: refuse before Ray starts
     log.info(data.summary())
     connect_ray(opts.address, opts.verbose)
     check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
     if not opts.resume:
         write_yaml(join(plan.experiment, SPEC_FILE), spec_record(plan, data))
     results = _fit(plan, data)
-    return export_results(plan, results, data)
+    result = export_results(plan, results, data)
+    from rayrec.tracking import log_sweep_summary
+
+    log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
+    return result
 
 
 def spec_record(plan: Plan, data) -> dict[str, Any]:
@@ -335,7 +344,7 @@ def _known_sweeps(storage: str) -> list[str]:
 def _fit(plan: Plan, data):
     from ray import tune
 
-    from rayrec.storage import pyarrow_filesystem, storage_environment
+    from rayrec.storage import pyarrow_filesystem
     from rayrec.tune.trainable import train_trial
 
     s, opts = plan.settings, plan.options
@@ -343,7 +352,6 @@ def _fit(plan: Plan, data):
         tune.with_parameters(
             train_trial, data=data, model=plan.model, base=plan.base,
             checkpoint_every=s["checkpoint_every"], cpus_per_trial=opts.cpus_per_trial,
-            storage_env=storage_environment(),  # in memory only; see rayrec.storage
         ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
@@ -374,6 +382,9 @@ def _fit(plan: Plan, data):
             f"{storage_path}/{plan.name}", trainable=trainable, param_space=param_space,
             resume_unfinished=True, resume_errored=True, storage_filesystem=fs,
         )
+        if getattr(tuner, "_local_tuner", None) is not None:
+            # Ray restores the callbacks pickled with the sweep; this run's --wandb/-v apply instead.
+            tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(plan), run_config=run_config)
     return tuner.fit()

@@ -25,7 +25,6 @@ from ray import get_runtime_context, tune
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
-from rayrec.storage import apply_storage_environment
 from rayrec.train.trainer import Trainer, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -69,13 +68,12 @@ def resolve_trial_config(model: str, base: dict[str, Any], sampled: dict[str, An
 
 
 def train_trial(config: dict[str, Any], data: SplitData | None = None, model: str = "", base: dict | None = None,
-                checkpoint_every: int = 1, cpus_per_trial: float = 1.0, storage_env: dict | None = None) -> None:
+                checkpoint_every: int = 1, cpus_per_trial: float = 1.0) -> None:
     """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher.
 
     Keys starting with '_' are control values, not config: `_fail_at_epoch` makes the trial
     raise once at that epoch (used by the tests of retry-from-checkpoint).
     """
-    apply_storage_environment(storage_env)  # before Ray's filesystem for this trial first connects
     fail_at_epoch = int(config.get("_fail_at_epoch", 0) or 0)
     started = time.time()
     device, gpu_ids = trial_device()
