@@ -468,6 +468,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
     import pandas as pd
 
     from rayrec.storage import join, to_url, write_parquet, write_yaml
+    from rayrec.tune.analysis import plain
     from rayrec.tune.trainable import evaluate_checkpoint_on_test, resolve_trial_config
 
     s = plan.settings
@@ -546,7 +547,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
         "scheduler": s["scheduler"],
         "trials": len(trials),
         "status_counts": trials["status"].value_counts().to_dict() if len(trials) else {},
-        "best": _plain(best),
+        "best": plain(best),
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_yaml(join(plan.experiment, "summary.yaml"), summary)
@@ -586,20 +587,6 @@ def _first_line(error) -> str:
         return ""
     text = str(error).strip().splitlines()
     return text[-1][:300] if text else type(error).__name__
-
-
-def _plain(obj):
-    """YAML-safe copy: numpy scalars to Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        try:
-            return obj.item()
-        except (ValueError, AttributeError):
-            return obj
-    return obj
 
 
 def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
