@@ -9,26 +9,32 @@ Credentials and endpoints come only from the standard environment of each proces
 GOOGLE_APPLICATION_CREDENTIALS); botocore and gcsfs read them themselves. They are never
 constructor arguments of a filesystem, so the filesystem Ray pickles into its experiment
 state (tuner.pkl, experiment_state-*.json) holds neither, and a URL carrying them is
-refused. Trials on other processes or nodes receive the driver's storage variables in
-memory (`storage_environment` -> `apply_storage_environment`), never through Ray's
-runtime_env, whose values Ray writes into its own logs.
+refused. Ray's trial processes, possibly on other nodes and started before the driver
+existed, get the driver's storage variables in memory: the driver puts them in Ray's
+key-value store (GCS memory) and the filesystem handle reads them when it is unpickled in
+a trial, before Ray's own restore code first touches storage. Not through Ray's
+runtime_env, whose values Ray writes into its logs (runtime_env_agent.log).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
+import sys
 import threading
 import uuid
 from typing import Any, Callable
+
+import pyarrow.fs
 
 from rayrec.errors import UserError
 
 # The variables storage backends read; forwarded to trials, redacted from error messages.
 STORAGE_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
     "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS",
     "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST",
 )
@@ -246,18 +252,92 @@ def _endpoint_source(url: str) -> str:
 
 
 # --- credentials for trials -------------------------------------------------------------
+KV_NAMESPACE = "rayrec"
+
+
 def storage_environment() -> dict[str, str]:
-    """The driver's storage variables, handed to trials in memory (Ray's object store)."""
+    """The storage variables of this process (what the driver shares with its trials)."""
     return {key: os.environ[key] for key in STORAGE_ENV if os.environ.get(key)}
 
 
 def apply_storage_environment(env: dict[str, str] | None) -> None:
-    """Make a trial process see the driver's storage variables before it touches storage.
+    """Set storage variables this process lacks; a node's own settings win over the driver's."""
+    for key, value in (env or {}).items():
+        if key in STORAGE_ENV and not os.environ.get(key):
+            os.environ[key] = value
 
-    Filesystems connect lazily, so the one Ray unpickled for this trial picks them up.
+
+class RayStorageHandler(pyarrow.fs.FSSpecHandler):
+    """FSSpecHandler that pickles as (filesystem class, its non-secret options, a store key).
+
+    Unpickled inside a Ray worker, it first applies the driver's storage variables from
+    Ray's key-value store, then rebuilds the filesystem, which reads them when it connects.
     """
-    if env:
-        os.environ.update(env)
+
+    def __init__(self, fs, env_key: str):
+        super().__init__(fs)
+        self.env_key = env_key
+
+    def __reduce__(self):
+        return _rebuild_handler, (type(self.fs), dict(self.fs.storage_options), self.env_key)
+
+
+def _rebuild_handler(cls, options: dict[str, Any], env_key: str) -> RayStorageHandler:
+    apply_storage_environment(_shared_environment(env_key))
+    return RayStorageHandler(cls(**options), env_key)
+
+
+def share_storage_environment(env_key: str) -> None:
+    """Driver side: put this process's storage variables where trial processes read them.
+
+    A no-op outside Ray. The latest driver for a bucket wins, so a resume with rotated
+    credentials hands its trials the new ones.
+    """
+    env = storage_environment()
+    kv = _ray_kv()
+    if kv is not None and env:
+        kv._internal_kv_put(env_key, json.dumps(env), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def _shared_environment(env_key: str) -> dict[str, str]:
+    kv = _ray_kv()
+    if kv is None:
+        return {}
+    try:
+        raw = kv._internal_kv_get(env_key, namespace=KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - without it, the node's own settings are used
+        return {}
+    return json.loads(raw) if raw else {}
+
+
+def _keep_credentials_out_of_ray_logs() -> None:
+    """Stop Ray Tune from copying the driver's AWS keys into every trial's runtime_env.
+
+    Ray Tune does that (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE), and Ray's
+    runtime_env agent writes runtime_env values to runtime_env_agent.log. rayrec's trials get
+    the keys from the key-value store instead (RayStorageHandler), or from their node.
+    """
+    if "ray" not in sys.modules:
+        return
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    secrets = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, (set, frozenset)) and propagated & secrets:
+        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - secrets
+
+
+def _ray_kv():
+    """Ray's internal key-value store when this process is connected to Ray (never imports Ray)."""
+    if "ray" not in sys.modules:
+        return None
+    try:
+        from ray.experimental import internal_kv
+    except ImportError:
+        return None
+    return internal_kv if internal_kv._internal_kv_initialized() else None
 
 
 # --- reading and writing ----------------------------------------------------------------
@@ -285,6 +365,8 @@ def publish_dir(local_dir: str, url: str) -> None:
     names = sorted(os.listdir(local_dir), key=lambda n: n.startswith("summary"))
     for name in names:
         src = os.path.join(local_dir, name)
+        if os.path.islink(src):  # object stores have no links (W&B's latest-run, debug.log)
+            continue
         if os.path.isdir(src):
             fs.put(src, f"{path}/{name}", recursive=True)
         else:
@@ -347,15 +429,18 @@ def pyarrow_filesystem(url: str):
     """(pyarrow filesystem, path without scheme) for Ray's `storage_filesystem`/`storage_path`.
 
     Ray is handed the same fsspec filesystem rayrec uses, wrapped by FSSpecHandler, so one
-    set of settings serves both (ray-notes §2). Local paths go to Ray as plain absolute
-    paths (None filesystem): Ray's own local filesystem, which it also uses to restore.
+    set of settings serves both (ray-notes §2); the driver's storage variables are shared
+    with the trials (RayStorageHandler). Local paths go to Ray as plain absolute paths (None
+    filesystem): Ray's own local filesystem, which it also uses to restore.
     """
-    import pyarrow.fs
-
     fs, path = split_url(url)
+    _keep_credentials_out_of_ray_logs()
     if is_local(url):
         return None, os.path.abspath(local_path(url))
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+    protocol, rest = _parse(url)
+    env_key = f"storage-env:{protocol}://{rest.split('/', 1)[0]}"
+    share_storage_environment(env_key)
+    return pyarrow.fs.PyFileSystem(RayStorageHandler(fs, env_key)), path
 
 
 def _short(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ written anywhere may contain the secret key or the endpoint.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -189,6 +190,35 @@ def test_probe_writes_and_cleans_up(s3):
     assert env["AWS_SECRET_ACCESS_KEY"] == SECRET and env["AWS_ENDPOINT_URL"] == s3.endpoint
 
 
+@pytest.mark.ray
+def test_trial_processes_get_storage_settings_in_memory_not_in_pickles(ray_session, s3):
+    """What Ray pickles (and persists) names no secret; a Ray worker that knows nothing still writes."""
+    import ray
+    import ray.cloudpickle as cloudpickle
+
+    from rayrec.storage import STORAGE_ENV
+
+    fs, path = pyarrow_filesystem(f"s3://{BUCKET}/kv")
+    blob = cloudpickle.dumps(fs)
+    assert SECRET.encode() not in blob and s3.endpoint.split("//")[1].encode() not in blob
+
+    @ray.remote(num_cpus=0)
+    def write_from_bare_worker(blob: bytes) -> str | None:
+        saved = {k: os.environ.pop(k) for k in STORAGE_ENV if k in os.environ}
+        try:
+            fs = cloudpickle.loads(blob)  # the driver's settings arrive from Ray's key-value store here
+            with fs.open_output_stream(f"{path}/from-worker") as out:
+                out.write(b"hi")
+            return os.environ.get("AWS_ENDPOINT_URL")
+        finally:
+            for k in STORAGE_ENV:
+                os.environ.pop(k, None)
+            os.environ.update(saved)
+
+    assert ray.get(write_from_bare_worker.remote(blob)) == s3.endpoint
+    assert s3fs_fresh().cat(f"{BUCKET}/kv/from-worker") == b"hi"
+
+
 # --- sweeps on S3 ----------------------------------------------------------------------------
 def tiny_space(tmp_path) -> str:
     path = tmp_path / "space.yaml"
@@ -227,7 +257,9 @@ def sweep_cmd(space: str, name: str, storage: str, address: str, *extra: str) ->
 
 
 @pytest.mark.ray
-def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back(s3, ray_session, tmp_path):
+def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back(ray_session, s3, tmp_path):
+    import ray
+
     fs = s3fs_fresh()
     storage, name = f"s3://{BUCKET}/sweeps", "killed"
     experiment = f"{BUCKET}/sweeps/{name}"
@@ -254,7 +286,7 @@ def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back
     before = {t: _last_result(fs, experiment, t) for t in finished}
 
     code, out = _cli_out("sweep", "--resume", "--name", name, "--storage", storage, "--address", address,
-                         "--cpus-per-trial", "0.5", "--wandb", "off")
+                         "--cpus-per-trial", "0.5", "--wandb", "offline")
     assert code == 0, out
     fs.invalidate_cache()
     from rayrec.storage import read_parquet, read_yaml
@@ -285,9 +317,14 @@ def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back
 
     # Neither the secret key nor the endpoint appears in anything written: results, Ray's state
     # (pickles included), W&B's offline files, the run directory, or the driver's output.
-    _assert_no_secrets(fs, [experiment, f"{BUCKET}/runs/warm"], extra=[(tmp_path / "driver.log").read_bytes(), out.encode()],
-                       endpoint=s3.endpoint)
-    assert fs.glob(f"{experiment}/train_trial_*/wandb/offline-run-*/run-*.wandb"), "W&B offline runs were not kept"
+    fs.invalidate_cache()
+    session_logs = glob.glob(f"{ray._private.worker._global_node.get_session_dir_path()}/logs/*")
+    extra = [open(p, "rb").read() for p in session_logs if os.path.isfile(p)]  # Ray's own logs too
+    _assert_no_secrets(fs, [experiment, f"{BUCKET}/runs/warm"],
+                       extra=[(tmp_path / "driver.log").read_bytes(), out.encode(), *extra], endpoint=s3.endpoint)
+    # W&B's offline runs of both drivers (trials and summary) were copied next to the results.
+    runs = {p.split("/")[-2].rsplit("-", 1)[-1] for p in fs.glob(f"{experiment}/wandb/offline-run-*/run-*.wandb")}
+    assert set(trials["trial_id"]) <= runs and "summary" in runs, runs
 
 
 def _last_result(fs, experiment: str, trial_id: str) -> dict:
@@ -309,3 +346,55 @@ def _assert_no_secrets(fs, prefixes: list[str], extra: list[bytes], endpoint: st
     blobs += [(f"extra{i}", b) for i, b in enumerate(extra)]
     leaks = [(path, n) for path, blob in blobs for n in needles if n in blob]
     assert not leaks, leaks
+
+
+@pytest.mark.ray
+def test_storage_outage_mid_sweep_loses_no_completed_result(ray_session, s3, tmp_path):
+    """The S3 server goes away for a few seconds while trials checkpoint every epoch, then returns."""
+    from rayrec.storage import read_parquet
+    from rayrec.train.trainer import load_state
+    from rayrec.tune.sweep import SweepOptions, run_sweep
+
+    fs = s3fs_fresh()
+    storage, name = f"s3://{BUCKET}/outage", "outage"
+    experiment = f"{BUCKET}/outage/{name}"
+    outage: dict[str, float] = {}
+
+    def storage_outage() -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # once both running trials have checkpointed at least once
+            fs.invalidate_cache()
+            if len({p.split("/")[-3] for p in fs.glob(f"{experiment}/train_trial_*/checkpoint_*/trainer.pt")}) >= 2:
+                break
+            time.sleep(0.2)
+        outage["start"] = time.time()
+        s3.stop()
+        time.sleep(OUTAGE_S)
+        s3.start()
+        outage["end"] = time.time()
+
+    watcher = threading.Thread(target=storage_outage, daemon=True)
+    watcher.start()
+    result = run_sweep(SweepOptions(
+        model="sasrec", space=tiny_space(tmp_path), name=name, storage=storage, sets=list(TINY), search="random",
+        scheduler="fifo", num_samples=3, max_epochs=5, max_concurrent=2, cpus_per_trial=0.5, wandb="off",
+        max_failures=2, verbose=0, evaluate_test=False))
+    watcher.join(timeout=30)
+    assert "end" in outage, "the outage never happened"
+
+    trials, history = result.trials, result.history
+    assert len(trials) == 3 and (trials["status"] == "finished").all(), trials[["trial_id", "status", "error"]]
+    for trial_id, group in history.groupby("trial_id"):
+        assert sorted(set(group["epoch"])) == [1, 2, 3, 4, 5], (trial_id, group["epoch"].tolist())
+    # The outage fell inside the sweep: epochs were reported before it and after it.
+    assert history["reported_at"].min() < outage["start"] and history["reported_at"].max() > outage["end"]
+    # Everything on S3 reads back: the exported tables and every checkpoint that Ray kept.
+    fs.invalidate_cache()
+    assert len(read_parquet(f"{storage}/{name}/history.parquet")) == len(history)
+    checkpoints = fs.glob(f"{experiment}/train_trial_*/checkpoint_*/trainer.pt")
+    assert len(checkpoints) >= 3
+    for path in checkpoints:
+        assert load_state(f"s3://{path}")["epoch"] >= 1
+
+
+OUTAGE_S = 4.0

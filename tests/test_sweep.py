@@ -89,7 +89,6 @@ def test_pbt_exploit_continues_from_donor_weights_with_mutated_config(ray_sessio
             exploits += 1
             assert row["config_lr"] != pytest.approx(donors.iloc[0]["config_lr"]), "exploit did not mutate train.lr"
     assert exploits >= 1, "PBT never exploited"
-    assert result.trials["trial_id"].nunique() == 4
 
 
 def test_grid_covers_its_grid_exactly_once_and_best_config_reproduces(ray_session, tmp_path, tiny_data):

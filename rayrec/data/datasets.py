@@ -538,7 +538,7 @@ def load_split(cfg: DataConfig) -> SplitData:
     # The cache is keyed by content, so a moved or renamed file hits it: report where it came from now.
     split.name = source.name
     split.info.update(source=source.location, cache_path=str(cache / "splits" / fp))
-    no_train = split.info.get("split", {}).get("users_without_train", 0)
+    no_train = int(((split.train.lengths() == 0) & (split.valid.lengths() + split.test.lengths() > 0)).sum())
     if no_train:
         # Kept, not dropped: they still have targets, and a model scores them from no history.
         log.warning(

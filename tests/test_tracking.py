@@ -1,0 +1,156 @@
+"""W&B tracking, tested offline and read back from wandb's own files (the run's .wandb log)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rayrec.cli import app
+from rayrec.errors import UserError
+from rayrec.tracking import read_offline_run, sweep_callbacks, wandb_mode, wandb_sweep_config
+from rayrec.tune.sweep import SweepOptions, plan_sweep, run_sweep
+
+TINY = [
+    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
+    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
+]
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_space(tmp_path) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"model": "sasrec", "params": {
+        "train.lr": {"dist": "loguniform", "low": 1e-3, "high": 3e-2},
+        "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.3}}}))
+    return str(path)
+
+
+@pytest.fixture
+def no_wandb_env(monkeypatch, tmp_path):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+def test_mode_defaults_to_online_with_a_key_and_offline_without(no_wandb_env, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="rayrec.tracking"):
+        assert wandb_mode(None) == "offline"
+    assert len(caplog.records) == 1 and "no API key" in caplog.records[0].getMessage()
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) == "off"
+    assert wandb_mode("offline") == "offline"
+
+
+def test_bad_wandb_options_exit_2_in_one_line(no_wandb_env, tmp_path):
+    with pytest.raises(UserError, match="needs a W&B API key"):
+        wandb_mode("online")
+    for value, expected in (("bogus", "--wandb 'bogus' is not valid; valid: online, offline, off"),
+                            ("online", "--wandb online needs a W&B API key")):
+        result = CliRunner().invoke(app, ["sweep", "sasrec", "--space", tiny_space(tmp_path), "--wandb", value,
+                                          "--storage", str(tmp_path / "s"), "--max-epochs", "1", "--grace-period", "1"])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines == [f"error: {lines[0][7:]}"] and expected in lines[0]
+
+
+def test_online_sweep_is_registered_once_as_a_wandb_sweep_and_runs_join_it(no_wandb_env, monkeypatch, tmp_path):
+    """The W&B Sweeps view: rayrec registers the sweep (local controller) and passes its id to every run."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    calls = []
+    monkeypatch.setattr(wandb, "sweep", lambda config, project=None, entity=None: calls.append(config) or "sw3ep1d")
+    plan = plan_sweep(SweepOptions(model="sasrec", space=tiny_space(tmp_path), name="wb", storage=str(tmp_path / "s"),
+                                   sets=list(TINY), search="hyperopt", scheduler="asha", wandb="online",
+                                   max_epochs=4, grace_period=1))
+    config = wandb_sweep_config(plan)
+    assert config["controller"] == {"type": "local"} and config["method"] == "bayes"
+    assert config["metric"] == {"name": "val_ndcg@10", "goal": "maximize"}
+    assert config["parameters"]["train.lr"] == {"distribution": "log_uniform_values", "min": 1e-3, "max": 3e-2}
+    assert config["parameters"]["model.dropout"]["distribution"] == "uniform"
+    (callback,) = sweep_callbacks(plan)
+    assert callback.kwargs["settings"] == {"sweep_id": "sw3ep1d"} and callback.kwargs["mode"] == "online"
+    assert callback.group == "wb" and callback.log_config
+    assert set(callback.kwargs["tags"]) == {"sasrec", "synthetic", "asha", "hyperopt"}
+    # The API key is never stored on the callback (Ray pickles it into tuner.pkl).
+    import ray.cloudpickle as cloudpickle
+
+    assert FAKE_KEY.encode() not in cloudpickle.dumps(callback)
+    sweep_callbacks(plan)  # a resume joins the recorded sweep instead of registering another
+    assert len(calls) == 1
+    assert yaml.safe_load(open(tmp_path / "s" / "wb" / "wandb_sweep.yaml"))["sweep_id"] == "sw3ep1d"
+
+
+@pytest.mark.ray
+def test_offline_sweep_logs_one_run_per_trial_and_a_summary_run(ray_session, no_wandb_env, monkeypatch, tmp_path):
+    # A key in the driver's environment must not reach Ray's logs (Ray's own callback puts it in runtime_env).
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    result = run_sweep(SweepOptions(
+        model="sasrec", space=tiny_space(tmp_path), name="wbsweep", storage=str(tmp_path / "sweeps"), sets=list(TINY),
+        search="random", scheduler="fifo", num_samples=2, max_epochs=2, cpus_per_trial=0.5, wandb="offline",
+        verbose=0))
+    history = result.history
+    for trial_id, group in history.groupby("trial_id"):
+        (run_dir,) = glob.glob(f"{result.experiment}/wandb/offline-run-*-{trial_id}")
+        run = read_offline_run(run_dir)
+        assert run["id"] == trial_id and run["group"] == "wbsweep" and run["job_type"] == "trial"
+        assert set(run["tags"]) == {"sasrec", "synthetic", "fifo", "random"}
+        sampled = result.trials.set_index("trial_id").loc[trial_id]
+        assert run["config"]["train.lr"] == pytest.approx(sampled["config/train.lr"])
+        assert run["config"]["model.dropout"] == pytest.approx(sampled["config/model.dropout"])
+        assert run["config_updates"] >= 2, "config is not re-logged with every result (PBT mutations)"
+        logged = {row["epoch"]: row for row in run["history"] if "epoch" in row}
+        assert sorted(logged) == [1, 2]
+        for _, row in group.iterrows():
+            assert logged[row["epoch"]]["val_ndcg@10"] == pytest.approx(row["val_ndcg@10"])
+            assert logged[row["epoch"]]["_step"] == row["training_iteration"]
+        assert {"train_loss", "val_hr@10", "lr"} <= set(logged[2])
+        assert not [k for k in logged[2] if k.startswith("test")]
+
+    (summary_dir,) = glob.glob(f"{result.experiment}/wandb/offline-run-*-wbsweep-summary")
+    summary = read_offline_run(summary_dir)
+    best = result.best
+    assert summary["group"] == "wbsweep" and summary["job_type"] == "summary"
+    assert summary["config"]["train.lr"] == pytest.approx(best["config"]["train.lr"])
+    assert summary["config"]["best_trial_id"] == best["trial_id"]
+    assert summary["summary"]["best/val_ndcg@10"] == pytest.approx(best["value"])
+    assert summary["summary"]["test/ndcg@10"] == pytest.approx(best["test"]["ndcg@10"])
+    assert summary["summary"]["trial_count"] == 2 and summary["summary"]["status/finished"] == 2
+    # The trials table (parallel coordinates of parameters against the metric): summary entry and file.
+    assert summary["summary"]["trials/_type"] == "table-file"  # nested keys read back as "a/b"
+    table = json.load(open(os.path.join(summary_dir, "files", summary["summary"]["trials/path"])))
+    assert {"trial_id", "train.lr", "model.dropout", "best_val_ndcg@10"} <= set(table["columns"])
+    assert len(table["data"]) == 2
+
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    leaks = [p for p in glob.glob(f"{session}/logs/*") + glob.glob(f"{result.experiment}/**/*", recursive=True)
+             if os.path.isfile(p) and FAKE_KEY.encode() in open(p, "rb").read()]
+    assert not leaks, leaks
+
+
+@pytest.mark.ray
+def test_a_failing_wandb_does_not_fail_the_sweep(ray_session, no_wandb_env, monkeypatch, tmp_path, caplog):
+    """wandb.init raises in every logging actor (an invalid project name); the sweep completes regardless."""
+    monkeypatch.setenv("WANDB_PROJECT", "not/a/valid/project")
+    started = time.time()
+    with caplog.at_level(logging.WARNING, logger="rayrec.tracking"):
+        result = run_sweep(SweepOptions(
+            model="sasrec", space=tiny_space(tmp_path), name="wbfail", storage=str(tmp_path / "sweeps"),
+            sets=list(TINY), search="random", scheduler="fifo", num_samples=2, max_epochs=2, cpus_per_trial=0.5,
+            wandb="offline", verbose=0))
+    assert len(result.trials) == 2 and (result.trials["status"] == "finished").all()
+    assert "test" in result.best
+    assert not glob.glob(f"{result.experiment}/**/offline-run-*", recursive=True)
+    assert any("summary run not logged" in r.getMessage() for r in caplog.records)
+    assert time.time() - started < 120
