@@ -337,7 +337,9 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     api_key = os.environ.get("WANDB_API_KEY") if mode == "online" else None
 
     task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
-    ref = task.remote(init, _plain(summary), table.to_dict("list"), api_key)
+    from rayrec.tune.analysis import plain
+
+    ref = task.remote(init, plain(summary), table.to_dict("list"), api_key)
     done, _ = ray.wait([ref], timeout=TIMEOUT_S)
     if not done:
         ray.cancel(ref, force=True)
@@ -398,17 +400,6 @@ def _bounded(fn, what: str, timeout: float | None = None):
         log.warning("W&B: %s failed (%s); continuing without it", what, reason)
         return None
     return out.get("value")
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        try:
-            return obj.item()
-        except (ValueError, AttributeError):
-            return obj
-    return obj
 
 
 def _first_line(exc: BaseException) -> str:
