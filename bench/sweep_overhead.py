@@ -51,29 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grace-period", type=int, default=2)
     p.add_argument("--reduction-factor", type=float, default=2)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="e.g. 0.25: four trials share one GPU")
     p.add_argument("--max-minutes", type=float, default=10.0, help="Tune time budget for the whole sweep")
     p.add_argument("--calibrate", action="store_true", help="first time one epoch of the trial's config on one thread")
-    p.add_argument("--reuse-actors", action="store_true",
-                   help="experiment: run with Tune's reuse_actors=True (rayrec's sweeps use False) to see what"
-                        " starting a fresh worker process per trial costs")
+    p.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false",
+                   help="run with Tune's reuse_actors=False (rayrec's sweeps use True) to see what starting a"
+                        " fresh worker process per trial costs")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override key=value")
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args(argv)
-
-
-def reuse_actors() -> None:
-    """Patch rayrec.tune.sweep._tune_config to return reuse_actors=True (this process only)."""
-    import dataclasses
-
-    from rayrec.tune import sweep
-
-    original = sweep._tune_config
-
-    def patched(plan):
-        config = original(plan)
-        return dataclasses.replace(config, reuse_actors=True) if dataclasses.is_dataclass(config) else config
-
-    sweep._tune_config = patched
 
 
 def calibrate(sets: list[str], threads: int) -> float:
@@ -100,9 +86,10 @@ def run(args: argparse.Namespace) -> dict:
     from rayrec.data import load_split
     from rayrec.tune.sweep import SweepOptions, connect_ray, run_sweep
 
-    machine = print_machine(f"{args.trials}-trial ASHA sweep overhead" + (" (reuse_actors=True)" if args.reuse_actors else ""))
-    if args.reuse_actors:
-        reuse_actors()
+    from rayrec.tune import sweep
+
+    sweep.REUSE_ACTORS = args.reuse_actors
+    machine = print_machine(f"{args.trials}-trial ASHA sweep overhead (reuse_actors={args.reuse_actors})")
     sets = DATA + MODEL + args.sets
     threads = max(1, int(round(args.cpus_per_trial)))
     if args.calibrate:
@@ -111,7 +98,10 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     connect_ray(None, verbose=0)
-    slots = int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_trial)
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1) // args.cpus_per_trial)
+    if args.gpus_per_trial > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // args.gpus_per_trial))
     data = load_split(build_config("sasrec", overrides=parse_overrides(sets)).data)
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as storage:
         space = os.path.join(storage, "space.yaml")
@@ -120,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
         opts = SweepOptions(
             model="sasrec", name="overhead", storage=storage, space=space, sets=sets, search="random",
             scheduler="asha", num_samples=args.trials, max_epochs=args.epochs, grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor, cpus_per_trial=args.cpus_per_trial, wandb="off", verbose=0,
+            reduction_factor=args.reduction_factor, cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial, wandb="off", verbose=0,
             evaluate_test=False, seed=0,
         )
         load_start = load_average()

@@ -83,6 +83,7 @@ def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10"
     return "  ".join(parts)
 
 
+FORMAT_HELP = "Reader for a --data path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn."
 DATA_HELP = "Named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, beauty, gowalla, lastfm) or a path/URL."
 SET_HELP = "Override a config value, e.g. --set train.lr=0.003 --set model.hidden=128 (repeatable)."
 
@@ -92,7 +93,7 @@ SET_HELP = "Override a config value, e.g. --set train.lr=0.003 --set model.hidde
 def train(
     model: Optional[str] = typer.Argument(None, help="Model name (sasrec, bert4rec, gru4rec, lightgcn, bprmf, pop); optional with --config."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-    data_format: Optional[str] = typer.Option(None, "--format", help="Reader for a --data path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn."),
+    data_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (e.g. a sweep's best.yaml)."),
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory (path or URL); default runs/<model>-<data>-<time>."),
@@ -142,6 +143,7 @@ def sweep(
     from_sweep: Optional[str] = typer.Option(None, "--from", help="Start from SWEEP's narrowed space (`rayrec narrow SWEEP`) and base config."),
     space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default search_spaces/<model>.yaml)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    data_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Base config YAML every trial starts from."),
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Sweep name (default <model>-<stage>-<time>); needed for --resume."),
@@ -172,7 +174,7 @@ def sweep(
 
     opts = SweepOptions(
         model=model, name=name, storage=storage, space=space, stage=stage, from_sweep=from_sweep, config=config, data=data,
-        sets=list(sets), search=search, scheduler=scheduler, num_samples=num_samples, max_epochs=max_epochs,
+        sets=([f"data.format={data_format}"] if data_format is not None else []) + list(sets), search=search, scheduler=scheduler, num_samples=num_samples, max_epochs=max_epochs,
         grace_period=grace_period, reduction_factor=reduction_factor, perturbation_interval=perturbation_interval,
         quantile_fraction=quantile_fraction, pbt_synch=pbt_synch, gpus_per_trial=gpus_per_trial,
         cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures, address=address,

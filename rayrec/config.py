@@ -236,7 +236,14 @@ def build_config(
 
     train_values = {**spec.train_defaults, **sections["train"]}
     model_cfg = _make(spec.config_cls, sections["model"], "model")
-    data_cfg = _make(DataConfig, {**spec.data_defaults, **sections["data"]}, "data")
+    data_defaults = dict(spec.data_defaults)
+    if "split" not in sections["data"]:
+        from rayrec.data.datasets import shipped_split
+
+        shipped = shipped_split(sections["data"].get("name", DataConfig.name), sections["data"].get("format"))
+        if shipped:
+            data_defaults["split"] = shipped
+    data_cfg = _make(DataConfig, {**data_defaults, **sections["data"]}, "data")
     train_cfg = _make(TrainConfig, train_values, "train")
     for section in (model_cfg, data_cfg, train_cfg):
         if hasattr(section, "validate"):

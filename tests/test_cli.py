@@ -158,3 +158,36 @@ def test_gpu_request_without_gpus_fails_at_start(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no GPU" in proc.stderr and "Traceback" not in proc.stderr
     assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_sweep_takes_format_and_stage_errors_name_the_space(tmp_path):
+    storage = tmp_path / "sweeps"
+    table = tmp_path / "events.txt"
+    table.write_text("1 2\n")
+    # --format reaches the data reader (refused before Ray starts: no such reader).
+    assert_user_error(run("sweep", "sasrec", "--data", table, "--format", "bogus", "--storage", storage),
+                      "data.format 'bogus'")
+    no_stages = tmp_path / "space.yaml"
+    no_stages.write_text(yaml.safe_dump({"model": "sasrec", "params": {}}))
+    assert_user_error(run("sweep", "sasrec", "--space", no_stages, "--stage", "quick", "--storage", storage),
+                      "has no stages", "drop --stage")
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_presplit_dataset_brings_its_split_for_models_without_a_default():
+    from rayrec.config import build_config
+
+    assert build_config("pop", overrides={"data.name": "gowalla"}).data.split == "ratio"
+    assert build_config("pop", overrides={"data.name": "/x/gowalla", "data.format": "lightgcn"}).data.split == "ratio"
+    assert build_config("pop", overrides={"data.name": "gowalla", "data.split": "loo"}).data.split == "loo"
+    assert build_config("pop").data.split == "loo"
+    assert build_config("sasrec", overrides={"data.name": "ml-1m"}).data.split == "loo"
+
+
+def test_every_shipped_space_has_the_workflow_stages():
+    from rayrec.tune.space import load_space
+
+    for model in ("sasrec", "bert4rec", "gru4rec", "lightgcn", "bprmf", "pop"):
+        space = load_space(model, None)
+        for stage in ("smoke", "quick", "medium"):
+            assert space.sweep_defaults(stage)["num_samples"] >= 1

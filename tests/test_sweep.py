@@ -201,11 +201,45 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
     assert finished <= set(trials["trial_id"])
     for trial_id in finished:
         rows = history[history["trial_id"] == trial_id]
-        assert rows["pid"].nunique() == 1
+        assert rows["trained_pid"].nunique() == 1
         assert trials.loc[trials["trial_id"] == trial_id, "restores"].iloc[0] == 0
     # A trial cut off mid-way continued from its checkpoint, not from scratch.
     resumed = history[history["restored_epoch"] > 0]
     assert set(resumed["trial_id"]).isdisjoint(finished)
+
+
+def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_session, tmp_path):
+    """The trial SIGKILLs its driver just before writing its epoch-2 checkpoint: storage holds
+    the checkpoint, the driver's experiment state does not. The resumed sweep must take the
+    newer checkpoint and report epoch 2 as trained, not train it again."""
+    space = tiny_space(tmp_path, {"train.lr": LR})
+    storage = tmp_path / "sweeps"
+    script = (
+        "import os\n"
+        "from rayrec.tune.sweep import SweepOptions, run_sweep\n"
+        f"run_sweep(SweepOptions(model='sasrec', name='lost', storage={str(storage)!r}, space={space!r},"
+        f" sets={TINY!r}, search='random', scheduler='fifo', num_samples=1, max_epochs=4, cpus_per_trial=1,"
+        f" wandb='off', verbose=0, evaluate_test=False,"
+        f" address={ray_session.get_runtime_context().gcs_address!r},"
+        " extra_space={'_kill_driver_at_epoch': 2, '_driver_pid': os.getpid()}))\n"
+    )
+    driver = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=240)
+    assert driver.returncode == -signal.SIGKILL, driver.stderr.decode()[-2000:]
+    time.sleep(1.0)
+
+    # Tune's restore wants the same param_space keys; the hook fires once per trial (marker file).
+    result = run_sweep(SweepOptions(name="lost", storage=str(storage), resume=True, wandb="off", verbose=0,
+                                    cpus_per_trial=1, evaluate_test=False,
+                                    extra_space={"_kill_driver_at_epoch": 2, "_driver_pid": 0}))
+    history = result.history.sort_values("epoch")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert (result.trials["status"] == "finished").all()
+    by_epoch = history.set_index("epoch")
+    # Epochs 1-2 were trained once, by the killed run's process; 3-4 by the resumed one,
+    # which started from the epoch-2 checkpoint the old driver never registered.
+    assert by_epoch.loc[1, "trained_pid"] == by_epoch.loc[2, "trained_pid"] != by_epoch.loc[3, "trained_pid"] == by_epoch.loc[4, "trained_pid"]
+    assert by_epoch.loc[2, "replayed"] == 1
+    assert by_epoch.loc[3, "restored_epoch"] == 2
 
 
 def _finished_trials(experiment, max_epochs: int) -> set[str]:
@@ -222,3 +256,29 @@ def _finished_trials(experiment, max_epochs: int) -> set[str]:
         if lines and lines[-1].get("epoch") == max_epochs:
             done.add(lines[-1]["trial_id"])
     return done
+
+
+def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
+    """A result file that lost epoch 2 (a stale copy restored after a storage outage) is
+    completed from the reports in the trial's checkpoint; a PBT donor's epochs are not."""
+    import json
+
+    from ray import tune
+
+    from rayrec.tune.sweep import _with_checkpoint_reports
+    from rayrec.tune.trainable import REPORTS_FILE
+
+    ckpt = tmp_path / "checkpoint_000002"
+    ckpt.mkdir()
+    reports = [{"epoch": e, "val_ndcg@10": 0.1 * e, "trained_by": "t1"} for e in (1, 2, 3)]
+    reports.insert(0, {"epoch": 0.5, "val_ndcg@10": 0.9, "trained_by": "donor"})
+    (ckpt / REPORTS_FILE).write_text(json.dumps(reports))
+    frame = pd.DataFrame({"epoch": [1, 3], "val_ndcg@10": [0.1, 0.3], "trial_id": ["t1", "t1"]})
+
+    merged = _with_checkpoint_reports(frame, tune.Checkpoint.from_directory(str(ckpt)), "t1")
+    assert merged["epoch"].tolist() == [1, 2, 3]
+    assert merged["val_ndcg@10"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert merged["from_checkpoint"].fillna(0).tolist() == [0, 1, 0]
+    # Nothing missing: the frame comes back as it was.
+    full = merged[["epoch", "val_ndcg@10", "trial_id"]]
+    assert _with_checkpoint_reports(full, tune.Checkpoint.from_directory(str(ckpt)), "t1") is full

@@ -331,6 +331,15 @@ def grouplens_source(dataset: str) -> Callable[[DataConfig], Source]:
     return resolve
 
 
+# The split a dataset ships with, known from its name or format without reading it, so
+# that a model with no split default of its own (popularity) runs on gowalla as it is.
+SHIPPED_SPLITS = {"gowalla": "ratio", "lastfm": "ratio", "lightgcn": "ratio"}
+
+
+def shipped_split(name: str, fmt: str | None) -> str | None:
+    return SHIPPED_SPLITS.get(name) if name in NAMED else SHIPPED_SPLITS.get(fmt or "")
+
+
 # Named datasets -> Source builders. Others register theirs here (e.g. NAMED["gowalla"]).
 NAMED: dict[str, Callable[[DataConfig], Source]] = {
     "synthetic": synthetic_source,

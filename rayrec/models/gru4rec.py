@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from rayrec.data.batches import last_items, sequence_batches, trim_padding
 from rayrec.errors import UserError
-from rayrec.models.base import ModelSpec, RecModel
-from rayrec.models.losses import item_loss
+from rayrec.models.base import ModelSpec
+from rayrec.models.next_item import NextItemModel
 from rayrec.models.sasrec import check_sequence_config
 
 
@@ -44,7 +42,7 @@ class GRU4RecConfig:
             raise UserError(f"model.init_std must be > 0, got {self.init_std}")
 
 
-class GRU4Rec(RecModel):
+class GRU4Rec(NextItemModel):
     kind = "sequential"
 
     def __init__(self, cfg: GRU4RecConfig, data):
@@ -90,24 +88,11 @@ class GRU4Rec(RecModel):
         to_left = (pos + n[:, None]) % L  # the inverse rotation
         return h.gather(1, to_left[..., None].expand(-1, -1, h.shape[-1]))
 
-    def train_batches(self, data, batch_size: int, rng: np.random.Generator):
-        # max_len + 1 items give max_len (input, next item) positions per row.
-        for seq in sequence_batches(data.train, self.cfg.max_len + 1, batch_size, rng):
-            yield {"seq": seq}
+    def states(self, seq):
+        return self(seq)  # (B, L, C)
 
-    def loss(self, batch):
-        seq = batch["seq"]  # (B, L + 1)
-        inputs, targets = seq[:, :-1], seq[:, 1:]
-        hidden = self(inputs)  # (B, L, E)
-        keep = (inputs != 0) & (targets != 0)
-        return item_loss(hidden[keep], targets[keep], self.item_emb.weight, self.cfg.loss, self.cfg.negatives)
-
-    def eval_inputs(self, history, users):
-        return {"seq": trim_padding(last_items(history, users, self.cfg.max_len))}
-
-    def score(self, batch):
-        hidden = self(batch["seq"])[:, -1]  # (B, E): state after the most recent item
-        return hidden @ self.item_emb.weight.T  # (B, N + 1)
+    def item_table(self):
+        return self.item_emb.weight  # (N + 1, C)
 
 
 SPEC = ModelSpec(

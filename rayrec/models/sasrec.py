@@ -9,13 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import torch
 
-from rayrec.data.batches import last_items, sequence_batches, trim_padding
 from rayrec.errors import UserError
-from rayrec.models.base import ModelSpec, RecModel
-from rayrec.models.losses import item_loss
+from rayrec.models.base import ModelSpec
+from rayrec.models.next_item import NextItemModel
 from rayrec.models.transformer import SequenceEncoder
 
 
@@ -50,7 +47,7 @@ def check_sequence_config(cfg) -> None:
         raise UserError(f"model.negatives must be >= 1, got {cfg.negatives}")
 
 
-class SASRec(RecModel):
+class SASRec(NextItemModel):
     kind = "sequential"
 
     def __init__(self, cfg: SASRecConfig, data):
@@ -60,24 +57,11 @@ class SASRec(RecModel):
             causal=True, init_std=cfg.init_std,
         )
 
-    def train_batches(self, data, batch_size: int, rng: np.random.Generator):
-        # max_len + 1 items give max_len (input, next item) positions per row.
-        for seq in sequence_batches(data.train, self.cfg.max_len + 1, batch_size, rng):
-            yield {"seq": seq}
+    def states(self, seq):
+        return self.encoder(seq)  # (B, L, C)
 
-    def loss(self, batch):
-        seq = batch["seq"]  # (B, L + 1)
-        inputs, targets = seq[:, :-1], seq[:, 1:]
-        hidden = self.encoder(inputs)  # (B, L, C)
-        keep = (inputs != 0) & (targets != 0)
-        return item_loss(hidden[keep], targets[keep], self.encoder.item_emb.weight, self.cfg.loss, self.cfg.negatives)
-
-    def eval_inputs(self, history, users):
-        return {"seq": trim_padding(last_items(history, users, self.cfg.max_len))}
-
-    def score(self, batch):
-        hidden = self.encoder(batch["seq"])[:, -1]  # (B, C): state after the most recent item
-        return hidden @ self.encoder.item_emb.weight.T  # (B, N + 1)
+    def item_table(self):
+        return self.encoder.item_emb.weight  # (N + 1, C)
 
 
 SPEC = ModelSpec(

@@ -109,6 +109,9 @@ class SearchSpace:
     def sweep_defaults(self, stage: str | None = None) -> dict[str, Any]:
         out = dict(self.sweep)
         if stage is not None:
+            if not self.stages:
+                raise UserError(f"stage '{stage}' is not defined: {self.source or 'the space'} has no stages; "
+                                "drop --stage to use its sweep: defaults")
             if stage not in self.stages:
                 raise UserError(f"stage '{stage}' is not defined in {self.source or 'the space'}; {did_you_mean(stage, self.stages or STAGES)}")
             out.update(self.stages[stage])

@@ -35,6 +35,7 @@ DEFAULTS = {
     "quantile_fraction": 0.25, "checkpoint_every": 1,
 }
 SPEC_FILE = "sweep.yaml"
+REUSE_ACTORS = True  # module-level so bench/sweep_overhead.py can measure the alternative
 
 
 def default_storage() -> str:
@@ -423,9 +424,11 @@ def _tune_config(plan: Plan):
         max_concurrent = None
         if s["search"] == "grid":
             num_samples = 1  # a grid is covered exactly once
+    # Reusing worker processes saves each trial a process start and imports (~5 s on a small
+    # machine, bench/sweep_overhead.py); the trainable frees its GPU memory at the end.
     return tune.TuneConfig(metric=metric, mode=s["mode"], num_samples=num_samples, search_alg=searcher,
                            scheduler=scheduler, max_concurrent_trials=max_concurrent,
-                           reuse_actors=False)
+                           reuse_actors=REUSE_ACTORS)
 
 
 def _slots(opts: SweepOptions) -> int:
@@ -485,6 +488,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             trial_id = str(frame["trial_id"].iloc[0])
         else:
             trial_id = last.get("trial_id") or os.path.basename(result.path or "")
+        frame = _with_checkpoint_reports(frame, result.checkpoint, trial_id)
         if frame is not None and len(frame):
             frame = frame.copy()
             frame["trial_id"] = trial_id
@@ -553,6 +557,30 @@ def export_results(plan: Plan, results, data) -> SweepResult:
     write_yaml(join(plan.experiment, "summary.yaml"), summary)
     return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best,
                        searched=list(plan.space.params))
+
+
+def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
+    """The trial's per-epoch frame plus the epochs only its checkpoint still knows.
+
+    Every checkpoint carries the reports of its lineage (trainable.REPORTS_FILE). Ray's
+    result files can miss epochs (a restore that copied back a stale result.json after a
+    storage outage); those rows come back from the latest checkpoint, marked
+    from_checkpoint=1. Only epochs this trial trained itself count, not a PBT donor's.
+    """
+    import pandas as pd
+
+    from rayrec.tune.trainable import checkpoint_reports
+
+    if checkpoint is None:
+        return frame
+    known = set(frame["epoch"].dropna().astype(int)) if frame is not None and "epoch" in frame else set()
+    missing = [r for r in checkpoint_reports(checkpoint.filesystem, checkpoint.path)
+               if r.get("trained_by") == trial_id and int(r["epoch"]) not in known]
+    if not missing:
+        return frame
+    recovered = pd.DataFrame([{**r, "trial_id": trial_id, "from_checkpoint": 1} for r in missing])
+    merged = pd.concat([f for f in (frame, recovered) if f is not None and len(f)], ignore_index=True)
+    return merged.sort_values("epoch", kind="stable").reset_index(drop=True)
 
 
 def _clean_history(frame):

@@ -11,9 +11,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import math
 import os
+import posixpath
+import re
+import signal
 import tempfile
 import time
 from typing import Any
@@ -30,6 +35,7 @@ from rayrec.train.trainer import Trainer, load_state, save_state
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer.pt"
+REPORTS_FILE = "reports.json"  # beside STATE_FILE: every report of the trial's lineage so far
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -71,11 +77,15 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
                 checkpoint_every: int = 1, cpus_per_trial: float = 1.0) -> None:
     """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher.
 
-    Keys starting with '_' are control values, not config: `_fail_at_epoch` makes the trial
-    raise once at that epoch (used by the tests of retry-from-checkpoint).
+    Keys starting with '_' are control values, not config, for the tests: `_fail_at_epoch`
+    makes the trial raise once at that epoch (retry from checkpoint); `_kill_driver_at_epoch`
+    with `_driver_pid` SIGKILLs the driver once, just before that epoch's checkpoint is
+    written, so the checkpoint reaches storage but never the driver's state (resume).
     """
     fail_at_epoch = int(config.get("_fail_at_epoch", 0) or 0)
+    kill_driver_at = int(config.get("_kill_driver_at_epoch", 0) or 0)
     started = time.time()
+    trial_id = tune.get_context().get_trial_id()
     device, gpu_ids = trial_device()
     threads = max(1, int(math.ceil(cpus_per_trial)))
     cfg = resolve_trial_config(model, base or {}, config, threads, device)
@@ -84,21 +94,34 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
 
     restored: dict[str, Any] = {}
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(os.path.join(d, STATE_FILE), trainer.device)
+    tune_state = _load_checkpoint(checkpoint, trainer.device) if checkpoint is not None else None
+    newer = newest_own_state(checkpoint, trainer.device)
+    state, reports = newer or tune_state or (None, [])  # reports: this lineage's, kept in its checkpoints
+    if state is not None:
         trainer.load_state_dict(state)  # also applies this trial's weight decay to the optimiser
         restored = {
             "restored_epoch": trainer.epoch,
             "restored_checksum": weights_checksum(trainer.model),
         }
+    if newer is not None:
+        # Epochs this trial trained and checkpointed before the sweep stopped, which Tune's
+        # state does not know (a killed driver): report them again as they were (same
+        # figures, same pid) instead of training them twice.
+        known = int(tune_state[0]["epoch"]) if tune_state is not None else 0
+        lost = [r for r in reports if int(r["epoch"]) > known]
+        for i, record in enumerate(lost):
+            _report(trainer, {**record, "replayed": 1}, reports if i == len(lost) - 1 else None)
+        if _complete(trainer):
+            return
     # Trials that resume must not re-run the epochs they already reported.
     reported = {"first": True}
 
     def on_epoch(tr: Trainer, record: dict[str, Any]) -> None:
         epoch = record["epoch"]
-        if fail_at_epoch and epoch == fail_at_epoch and _first_attempt():
+        if fail_at_epoch and epoch == fail_at_epoch and _first_attempt(".rayrec_failed_once"):
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+        if kill_driver_at and epoch == kill_driver_at and _first_attempt(".rayrec_killed_driver"):
+            os.kill(int(config["_driver_pid"]), signal.SIGKILL)
         metrics = {k: _scalar(v) for k, v in record.items() if not k.startswith("test")}
         metrics["stop_reason"] = tr.stop_reason
         metrics["weights_checksum"] = weights_checksum(tr.model)
@@ -108,7 +131,8 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
         metrics["config_weight_decay"] = cfg.train.weight_decay
         metrics["device"] = device
         metrics["gpu_ids"] = ",".join(str(g) for g in gpu_ids)
-        metrics["pid"] = os.getpid()
+        metrics["trained_by"] = trial_id  # history rebuilt from checkpoints keeps only the trial's own epochs
+        metrics["trained_pid"] = os.getpid()  # Ray overwrites "pid" with the reporting process, replays included
         metrics["node_id"] = get_runtime_context().get_node_id()  # which node ran this epoch
         metrics["trial_started"] = started  # wall clock, to see which trials ran at once
         metrics["reported_at"] = time.time()
@@ -116,19 +140,113 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
             metrics.update(restored or {"restored_epoch": 0, "restored_checksum": float("nan")})
             reported["first"] = False
         last = bool(tr.stop_reason) or epoch >= cfg.train.epochs
-        if epoch % checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as d:
-                save_state(tr.state_dict(), os.path.join(d, STATE_FILE))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-        else:
-            tune.report(metrics)
+        reports.append(metrics)
+        _report(tr, metrics, reports if epoch % checkpoint_every == 0 or last else None)
 
-    trainer.fit(on_epoch=on_epoch)
+    try:
+        trainer.fit(on_epoch=on_epoch)
+    finally:
+        # Sweeps reuse worker processes (reuse_actors): free this trial's GPU memory for the
+        # trials sharing the GPU, also when the scheduler stops it mid-way (SystemExit in report).
+        del trainer
+        if device == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
-def _first_attempt() -> bool:
-    # The failure-injection hook fires once: a marker file in the trial dir remembers it.
-    marker = os.path.join(tune.get_context().get_trial_dir(), ".rayrec_failed_once")
+def _report(trainer: Trainer, metrics: dict[str, Any], reports: list[dict[str, Any]] | None) -> None:
+    """tune.report; with `reports` (the lineage's reports so far) also a checkpoint holding them."""
+    if reports is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as d:
+        save_state(trainer.state_dict(), os.path.join(d, STATE_FILE))
+        with open(os.path.join(d, REPORTS_FILE), "w") as fh:
+            json.dump(reports, fh)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _complete(trainer: Trainer) -> bool:
+    return trainer.epoch >= trainer.cfg.train.epochs or trainer.stopper.should_stop
+
+
+def _trial_storage():
+    """(pyarrow filesystem, trial directory in storage) of the running trial, or None."""
+    try:
+        storage = tune.get_context().get_storage()
+        return storage.storage_filesystem, storage.trial_fs_path.rstrip("/")
+    except Exception:  # outside a Tune session, or Ray moved its internals: fall back to Tune's checkpoint
+        return None
+
+
+def _load_checkpoint(checkpoint, device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with checkpoint.as_directory() as d:
+        state = load_state(os.path.join(d, STATE_FILE), device)
+        path = os.path.join(d, REPORTS_FILE)
+        reports = []
+        if os.path.exists(path):
+            with open(path) as fh:
+                reports = json.load(fh)
+    return state, reports
+
+
+def checkpoint_reports(fs, checkpoint_path: str) -> list[dict[str, Any]]:
+    """The reports a checkpoint directory in storage holds; [] when it has none."""
+    try:
+        with fs.open_input_file(f"{checkpoint_path.rstrip('/')}/{REPORTS_FILE}") as fh:
+            return json.loads(fh.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return []
+
+
+def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """(state, reports) of the trial's newest complete checkpoint in storage, when it is newer than Tune's.
+
+    Ray writes a checkpoint to storage before the driver registers it, and the experiment
+    state snapshot comes later still; a driver killed in between resumes the trial from an
+    older checkpoint and would train the lost epochs again. Only this trial's own
+    directory is searched: a PBT exploit hands over a donor's checkpoint, which stands.
+    """
+    where = _trial_storage()
+    if where is None:
+        return None
+    fs, trial_path = where
+    current = -1
+    if checkpoint is not None:
+        parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+        if parent != trial_path:
+            return None
+        current = _checkpoint_index(name)
+    import pyarrow.fs
+
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+    except Exception:
+        return None
+    newer = sorted(((_checkpoint_index(posixpath.basename(i.path)), i.path) for i in infos
+                    if i.type == pyarrow.fs.FileType.Directory), reverse=True)
+    for index, path in newer:
+        if index <= current:
+            break
+        try:  # a directory the kill interrupted mid-upload does not load: try the next older one
+            with fs.open_input_file(f"{path}/{STATE_FILE}") as fh:
+                state = torch.load(io.BytesIO(fh.read()), map_location=device, weights_only=True)
+            return state, checkpoint_reports(fs, path)
+        except Exception:
+            continue
+    return None
+
+
+def _checkpoint_index(name: str) -> int:
+    match = re.fullmatch(r"checkpoint_(\d+)", name)
+    return int(match.group(1)) if match else -1
+
+
+def _first_attempt(name: str) -> bool:
+    # Test hooks fire once: a marker file in the trial dir remembers it.
+    marker = os.path.join(tune.get_context().get_trial_dir(), name)
     if os.path.exists(marker):
         return False
     with open(marker, "w") as fh:

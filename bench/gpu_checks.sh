@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks a session with a device machine should run, as one time-boxed script
+# (the device tool lends about 15 minutes in all): convergence of the models the CPU
+# cannot converge (issue 5), then fractional-GPU packing of a real sweep (issue 3).
+#
+#   MINUTES=4 bash bench/gpu_checks.sh        # per-model time box in minutes (default 4)
+#
+# Figures go to stdout and, as JSON, to $OUT (default /tmp/rayrec-gpu). Needs a Python with
+# rayrec's dependencies and a CUDA torch; PYTHON overrides the interpreter (default .venv's,
+# else python3). Nothing here decides pass/fail.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/rayrec-gpu}
+MINUTES=${MINUTES:-4}
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+# BERT4Rec: the anchor trained up to 200 epochs; the time box decides where it stops.
+"$PY" bench/seq_ml1m.py --model bert4rec --epochs 200 --max-minutes "$MINUTES" --batch-size 256 \
+    --set train.device=cuda --json "$OUT/bert4rec.json"
+# LightGCN on Gowalla (converges in hundreds of epochs; Recall@20 is printed as it goes).
+"$PY" bench/graph_gowalla.py --model lightgcn --epochs 1000 --max-minutes "$MINUTES" --eval-every 10 \
+    --set train.device=cuda --json "$OUT/lightgcn.json"
+# Four trials at 0.25 GPU on one real GPU: utilisation and start overhead of the packed sweep.
+"$PY" bench/sweep_overhead.py --trials 8 --epochs 6 --gpus-per-trial 0.25 --json "$OUT/packing.json"
