@@ -139,7 +139,7 @@ def test_failed_trial_is_retried_from_its_checkpoint(ray_session, tmp_path, tiny
     result = sweep(tmp_path, tiny_data, space=space, name="retry", search="grid", scheduler="fifo", max_epochs=3,
                    max_failures=1, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False)
     trials = result.trials
-    assert len(trials) == 2 and (trials["status"] == "finished").all()
+    assert len(trials) == 2 and (trials["status"] == "finished").all(), trials["error"].tolist()
     history = result.history
     restored = history[history["restored_epoch"] > 0]
     assert len(restored) == 1 and restored.iloc[0]["restored_epoch"] == 1, "retry did not resume from epoch 1"
@@ -227,7 +227,7 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     assert driver.returncode == -signal.SIGKILL, driver.stderr.decode()[-2000:]
     time.sleep(1.0)
 
-    # Tune's restore wants the same param_space keys; the hook fires once per trial (marker file).
+    # Tune's restore wants the same param_space keys; the hook fires only in a from-scratch attempt.
     result = run_sweep(SweepOptions(name="lost", storage=str(storage), resume=True, wandb="off", verbose=0,
                                     cpus_per_trial=1, evaluate_test=False,
                                     extra_space={"_kill_driver_at_epoch": 2, "_driver_pid": 0}))

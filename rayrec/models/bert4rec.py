@@ -21,7 +21,7 @@ from rayrec.data.batches import last_items, sequence_batches, trim_padding
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec, RecModel
 from rayrec.models.losses import item_loss
-from rayrec.models.sasrec import check_sequence_config
+from rayrec.models.sasrec import check_transformer_config
 from rayrec.models.transformer import SequenceEncoder
 
 
@@ -41,17 +41,11 @@ class BERT4RecConfig:
     init_std: float = 0.02  # normal init of embeddings and linear layers
 
     def validate(self) -> None:
-        check_sequence_config(self)
-        if self.heads < 1 or self.hidden % self.heads:
-            raise UserError(f"model.heads={self.heads} must be >= 1 and divide model.hidden={self.hidden}")
-        if self.blocks < 1:
-            raise UserError(f"model.blocks must be >= 1, got {self.blocks}")
+        check_transformer_config(self)
         if not 0.0 < self.mask_prob < 1.0:
             raise UserError(f"model.mask_prob must be in (0, 1) (0.15 or more recommended), got {self.mask_prob}")
         if not 0.0 <= self.last_mask_ratio <= 1.0:
             raise UserError(f"model.last_mask_ratio must be in [0, 1], got {self.last_mask_ratio}")
-        if not self.init_std > 0:
-            raise UserError(f"model.init_std must be > 0, got {self.init_std}")
 
 
 class BERT4Rec(RecModel):

@@ -38,8 +38,6 @@ class GRU4RecConfig:
             raise UserError(f"model.embedding must be >= 1, got {self.embedding}")
         if self.layers < 1:
             raise UserError(f"model.layers must be >= 1, got {self.layers}")
-        if not self.init_std > 0:
-            raise UserError(f"model.init_std must be > 0, got {self.init_std}")
 
 
 class GRU4Rec(NextItemModel):

@@ -28,11 +28,7 @@ class SASRecConfig:
     init_std: float = 0.02  # normal init of embeddings and linear layers
 
     def validate(self) -> None:
-        check_sequence_config(self)
-        if self.heads < 1 or self.hidden % self.heads:
-            raise UserError(f"model.heads={self.heads} must be >= 1 and divide model.hidden={self.hidden}")
-        if self.blocks < 1:
-            raise UserError(f"model.blocks must be >= 1, got {self.blocks}")
+        check_transformer_config(self)
 
 
 def check_sequence_config(cfg) -> None:
@@ -45,6 +41,17 @@ def check_sequence_config(cfg) -> None:
         raise UserError(f"model.max_len must be >= 2, got {cfg.max_len}")
     if cfg.negatives < 1:
         raise UserError(f"model.negatives must be >= 1, got {cfg.negatives}")
+    if not cfg.init_std > 0:
+        raise UserError(f"model.init_std must be > 0, got {cfg.init_std}")
+
+
+def check_transformer_config(cfg) -> None:
+    """The sequential checks plus those of SequenceEncoder's shape (SASRec, BERT4Rec)."""
+    check_sequence_config(cfg)
+    if cfg.heads < 1 or cfg.hidden % cfg.heads:
+        raise UserError(f"model.heads={cfg.heads} must be >= 1 and divide model.hidden={cfg.hidden}")
+    if cfg.blocks < 1:
+        raise UserError(f"model.blocks must be >= 1, got {cfg.blocks}")
 
 
 class SASRec(NextItemModel):

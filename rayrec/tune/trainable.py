@@ -77,10 +77,12 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
                 checkpoint_every: int = 1, cpus_per_trial: float = 1.0) -> None:
     """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher.
 
-    Keys starting with '_' are control values, not config, for the tests: `_fail_at_epoch`
-    makes the trial raise once at that epoch (retry from checkpoint); `_kill_driver_at_epoch`
-    with `_driver_pid` SIGKILLs the driver once, just before that epoch's checkpoint is
-    written, so the checkpoint reaches storage but never the driver's state (resume).
+    Keys starting with '_' are control values, not config, for the tests; they act only in
+    an attempt that started without a checkpoint (so once per trial, for epochs after the
+    first checkpoint): `_fail_at_epoch` makes the trial raise at that epoch (retry from
+    checkpoint); `_kill_driver_at_epoch` with `_driver_pid` SIGKILLs the driver just before
+    that epoch's checkpoint is written, so the checkpoint reaches storage but never the
+    driver's state (resume).
     """
     fail_at_epoch = int(config.get("_fail_at_epoch", 0) or 0)
     kill_driver_at = int(config.get("_kill_driver_at_epoch", 0) or 0)
@@ -113,14 +115,16 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
             _report(trainer, {**record, "replayed": 1}, reports if i == len(lost) - 1 else None)
         if _complete(trainer):
             return
+    fresh = state is None
     # Trials that resume must not re-run the epochs they already reported.
     reported = {"first": True}
 
     def on_epoch(tr: Trainer, record: dict[str, Any]) -> None:
         epoch = record["epoch"]
-        if fail_at_epoch and epoch == fail_at_epoch and _first_attempt(".rayrec_failed_once"):
+        # The hooks fire only in an attempt that started from scratch, so once per trial.
+        if fail_at_epoch and epoch == fail_at_epoch and fresh:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
-        if kill_driver_at and epoch == kill_driver_at and _first_attempt(".rayrec_killed_driver"):
+        if kill_driver_at and epoch == kill_driver_at and fresh:
             os.kill(int(config["_driver_pid"]), signal.SIGKILL)
         metrics = {k: _scalar(v) for k, v in record.items() if not k.startswith("test")}
         metrics["stop_reason"] = tr.stop_reason
@@ -242,16 +246,6 @@ def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str,
 def _checkpoint_index(name: str) -> int:
     match = re.fullmatch(r"checkpoint_(\d+)", name)
     return int(match.group(1)) if match else -1
-
-
-def _first_attempt(name: str) -> bool:
-    # Test hooks fire once: a marker file in the trial dir remembers it.
-    marker = os.path.join(tune.get_context().get_trial_dir(), name)
-    if os.path.exists(marker):
-        return False
-    with open(marker, "w") as fh:
-        fh.write("1")
-    return True
 
 
 def _scalar(v: Any) -> Any:
