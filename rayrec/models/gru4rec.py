@@ -41,8 +41,6 @@ class GRU4RecConfig:
 
 
 class GRU4Rec(NextItemModel):
-    kind = "sequential"
-
     def __init__(self, cfg: GRU4RecConfig, data):
         super().__init__(cfg, data)
         self.item_emb = nn.Embedding(data.n_items + 1, cfg.embedding, padding_idx=0)

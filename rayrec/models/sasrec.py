@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec
 from rayrec.models.next_item import NextItemModel
@@ -55,8 +54,6 @@ def check_transformer_config(cfg) -> None:
 
 
 class SASRec(NextItemModel):
-    kind = "sequential"
-
     def __init__(self, cfg: SASRecConfig, data):
         super().__init__(cfg, data)
         self.encoder = SequenceEncoder(

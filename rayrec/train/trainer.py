@@ -170,7 +170,7 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(self, record)
             return self._result()
-        while self.epoch < tc.epochs and not self.stopper.should_stop:
+        while not self.finished:
             start = time.perf_counter()
             loss, lr = self.train_epoch(self.epoch, progress=progress)
             record = self._record(self.epoch, loss, lr, start)
@@ -189,6 +189,11 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self._result()
+
+    @property
+    def finished(self) -> bool:
+        """No epoch left: the epoch budget is spent or early stopping has triggered."""
+        return self.epoch >= self.cfg.train.epochs or self.stopper.should_stop
 
     def train_epoch(self, epoch: int, progress: bool = False) -> tuple[float, float]:
         """One pass over the training batches; returns (mean loss, lr at the end)."""

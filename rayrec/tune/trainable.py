@@ -96,7 +96,7 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
 
     restored: dict[str, Any] = {}
     checkpoint = tune.get_checkpoint()
-    tune_state = _load_checkpoint(checkpoint, trainer.device) if checkpoint is not None else None
+    tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device) if checkpoint is not None else None
     newer = newest_own_state(checkpoint, trainer.device)
     state, reports = newer or tune_state or (None, [])  # reports: this lineage's, kept in its checkpoints
     if state is not None:
@@ -108,12 +108,12 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
     if newer is not None:
         # Epochs this trial trained and checkpointed before the sweep stopped, which Tune's
         # state does not know (a killed driver): report them again as they were (same
-        # figures, same pid) instead of training them twice.
+        # figures, same trained_pid) instead of training them twice.
         known = int(tune_state[0]["epoch"]) if tune_state is not None else 0
         lost = [r for r in reports if int(r["epoch"]) > known]
         for i, record in enumerate(lost):
             _report(trainer, {**record, "replayed": 1}, reports if i == len(lost) - 1 else None)
-        if _complete(trainer):
+        if trainer.finished:
             return
     fresh = state is None
     # Trials that resume must not re-run the epochs they already reported.
@@ -172,10 +172,6 @@ def _report(trainer: Trainer, metrics: dict[str, Any], reports: list[dict[str, A
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _complete(trainer: Trainer) -> bool:
-    return trainer.epoch >= trainer.cfg.train.epochs or trainer.stopper.should_stop
-
-
 def _trial_storage():
     """(pyarrow filesystem, trial directory in storage) of the running trial, or None."""
     try:
@@ -185,15 +181,12 @@ def _trial_storage():
         return None
 
 
-def _load_checkpoint(checkpoint, device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    with checkpoint.as_directory() as d:
-        state = load_state(os.path.join(d, STATE_FILE), device)
-        path = os.path.join(d, REPORTS_FILE)
-        reports = []
-        if os.path.exists(path):
-            with open(path) as fh:
-                reports = json.load(fh)
-    return state, reports
+def read_checkpoint(fs, path: str, device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(trainer state, reports) of a checkpoint directory in storage."""
+    path = path.rstrip("/")
+    with fs.open_input_file(f"{path}/{STATE_FILE}") as fh:
+        state = torch.load(io.BytesIO(fh.read()), map_location=device, weights_only=True)
+    return state, checkpoint_reports(fs, path)
 
 
 def checkpoint_reports(fs, checkpoint_path: str) -> list[dict[str, Any]]:
@@ -235,9 +228,7 @@ def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str,
         if index <= current:
             break
         try:  # a directory the kill interrupted mid-upload does not load: try the next older one
-            with fs.open_input_file(f"{path}/{STATE_FILE}") as fh:
-                state = torch.load(io.BytesIO(fh.read()), map_location=device, weights_only=True)
-            return state, checkpoint_reports(fs, path)
+            return read_checkpoint(fs, path, device)
         except Exception:
             continue
     return None
