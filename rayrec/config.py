@@ -68,6 +68,9 @@ class TrainConfig:
 
     epochs: int = 30  # maximum epochs; early stopping may end sooner
     batch_size: int = 128  # sequences (sequential models) or (user, item) pairs (graph models) per step
+    # Sequential models: sort rows by length within shuffled chunks of this many batches, so
+    # a batch computes little padding (every row is still visited once per epoch); 1 = off.
+    bucket_batches: int = 8
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     warmup_epochs: float = 5.0  # linear warm-up, capped at 20% of `epochs` so short runs still decay
@@ -88,7 +91,7 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def validate(self) -> None:
-        positive = ("epochs", "batch_size", "eval_batch_size")
+        positive = ("epochs", "batch_size", "eval_batch_size", "bucket_batches")
         for key in positive:
             if getattr(self, key) < 1:
                 raise UserError(f"train.{key} must be >= 1, got {getattr(self, key)}")

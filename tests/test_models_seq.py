@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rayrec.config import build_config
-from rayrec.data.batches import last_items
+from rayrec.data.batches import recent_items
 from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
@@ -184,17 +184,22 @@ def test_unordered_data_is_refused(name, data):
 # --- BERT4Rec ----------------------------------------------------------------------------
 
 
-def random_left_padded(rng, rows: int, length: int, n_items: int) -> torch.Tensor:
+def random_right_padded(rng, rows: int, length: int, n_items: int) -> torch.Tensor:
     lengths = rng.integers(1, length + 1, size=rows)
     seq = rng.integers(1, n_items + 1, size=(rows, length))
-    seq[np.arange(length)[None, :] < (length - lengths)[:, None]] = 0
+    seq[np.arange(length)[None, :] >= lengths[:, None]] = 0
     return torch.as_tensor(seq)
+
+
+def last_column(seq: torch.Tensor) -> torch.Tensor:
+    """(B,) column of each right-padded row's most recent item."""
+    return (seq != 0).sum(1) - 1
 
 
 def test_bert4rec_masks_about_mask_prob_of_real_positions_and_never_padding(data):
     torch.manual_seed(0)
     model = small_bert(data, mask_prob=0.2, last_mask_ratio=0.0, max_len=40)
-    seq = random_left_padded(np.random.default_rng(0), 3000, 40, N_ITEMS)
+    seq = random_right_padded(np.random.default_rng(0), 3000, 40, N_ITEMS)
     inputs, masked = model.cloze(seq)
     real = seq != 0
     mask_token = N_ITEMS + 1
@@ -213,13 +218,17 @@ def test_bert4rec_masks_about_mask_prob_of_real_positions_and_never_padding(data
 
 def test_bert4rec_last_mask_ratio_masks_only_the_last_item(data):
     torch.manual_seed(0)
-    seq = random_left_padded(np.random.default_rng(1), 500, 20, N_ITEMS)
+    seq = random_right_padded(np.random.default_rng(1), 500, 20, N_ITEMS)
+    rows, last = torch.arange(len(seq)), last_column(seq)
     _, masked = small_bert(data, last_mask_ratio=1.0, max_len=20).cloze(seq)
-    assert masked[:, -1].all() and not masked[:, :-1].any()
+    assert masked[rows, last].all() and masked.sum() == len(seq)
     _, masked = small_bert(data, last_mask_ratio=0.3, max_len=20).cloze(seq)
-    last_only = masked[:, -1] & (masked.sum(1) == 1)
-    # 30% of rows by design, plus rows whose random draw masked only the last item.
-    assert 0.25 < last_only.float().mean().item() < 0.45
+    last_only = masked[rows, last] & (masked.sum(1) == 1)
+    # 30% of rows by design, plus rows whose draw masked only the last item or nothing (then
+    # the last item is masked): (1 - p)^(n - 1) for a row of n items. 500 rows: std ~0.022.
+    n = (seq != 0).sum(1).double()
+    expected = 0.3 + 0.7 * (0.8 ** (n - 1)).mean().item()
+    assert abs(last_only.float().mean().item() - expected) < 0.07
 
 
 def test_bert4rec_scoring_input_ends_with_mask_token(data):
@@ -227,20 +236,22 @@ def test_bert4rec_scoring_input_ends_with_mask_token(data):
     users = np.arange(N_USERS)
     seq = model.eval_inputs(data.train, users)["seq"]
     assert seq.shape == (N_USERS, 6)
-    assert (seq[:, -1] == N_ITEMS + 1).all()
-    np.testing.assert_array_equal(seq[:, :-1], last_items(data.train, users, 5))
+    # Right-padded: the last 5 items, then [MASK] right after them, then padding.
+    n = (seq != 0).sum(1)
+    assert (seq[np.arange(N_USERS), n - 1] == N_ITEMS + 1).all() and (seq == N_ITEMS + 1).sum() == N_USERS
+    items = recent_items(data.train, users, 5)
+    np.testing.assert_array_equal(np.where(seq[:, :5] == N_ITEMS + 1, 0, seq[:, :5]), items)
     # Only item ids are scored: padding column 0 and items 1..n_items, never the mask token.
     assert score_users(model, data.train, users).shape == (N_USERS, N_ITEMS + 1)
 
 
 def test_bert4rec_scores_do_not_depend_on_batch_width(data):
-    """eval_inputs trims all-padding columns; the scores equal those of the full-width input."""
+    """A batch is as wide as its longest row; extra padding columns change no score."""
     torch.manual_seed(0)
     model = small_bert(data, max_len=40).eval()
     users = np.array([0, 1, 2])
     trimmed = torch.as_tensor(model.eval_inputs(data.train, users)["seq"])
-    full = torch.as_tensor(last_items(data.train, users, 39))
-    full = torch.cat([full, torch.full((3, 1), N_ITEMS + 1)], dim=1)
+    full = torch.cat([trimmed, torch.zeros(3, 40 - trimmed.shape[1], dtype=trimmed.dtype)], dim=1)
     assert trimmed.shape[1] < full.shape[1]
     with torch.no_grad():
         torch.testing.assert_close(model.score({"seq": trimmed}), model.score({"seq": full}))
@@ -265,18 +276,18 @@ def test_gru4rec_scores_from_the_most_recent_item(data):
 
 
 def test_gru4rec_states_equal_those_of_the_unpadded_sequence(data):
-    """Right-aligning inside forward makes each row's states independent of its padding."""
+    """With right padding each row's states are independent of its padding."""
     torch.manual_seed(0)
     model = small_gru(data, layers=2, hidden=24).eval()
-    seq = random_left_padded(np.random.default_rng(0), 20, 9, N_ITEMS)
-    wider = torch.cat([torch.zeros(20, 5, dtype=seq.dtype), seq], dim=1)
+    seq = random_right_padded(np.random.default_rng(0), 20, 9, N_ITEMS)
+    wider = torch.cat([seq, torch.zeros(20, 5, dtype=seq.dtype)], dim=1)
     with torch.no_grad():
         states, wide_states = model(seq), model(wider)
         for r in range(len(seq)):
             items = seq[r][seq[r] != 0]
             unpadded = model.proj(model.gru(model.item_emb(items[None]))[0])[0]  # (n, E)
-            torch.testing.assert_close(states[r, -len(items):], unpadded)
-            torch.testing.assert_close(wide_states[r, -len(items):], unpadded)
+            torch.testing.assert_close(states[r, : len(items)], unpadded)
+            torch.testing.assert_close(wide_states[r, : len(items)], unpadded)
 
 
 @pytest.mark.parametrize("loss", ["ce", "bpr", "bce", "sampled_softmax"])

@@ -32,8 +32,14 @@ class RecModel(nn.Module):
         self.n_users = data.n_users
         self.n_items = data.n_items
 
-    def train_batches(self, data: SplitData, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        """One epoch of training batches (numpy arrays or tensors; the trainer moves them to the device)."""
+    def train_batches(
+        self, data: SplitData, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1
+    ) -> Iterator[dict[str, Any]]:
+        """One epoch of training batches (numpy arrays or tensors; the trainer moves them to the device).
+
+        bucket_batches > 1 asks for rows of similar length in a batch (sequential models; see
+        batches.sequence_batches); a batch may then carry a float `weight` for its loss.
+        """
         raise NotImplementedError
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,12 +17,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rayrec.data.batches import last_items, sequence_batches, trim_padding
+from rayrec.data.batches import recent_items, sequence_batches
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec, RecModel
 from rayrec.models.losses import item_loss
 from rayrec.models.sasrec import check_transformer_config
-from rayrec.models.transformer import SequenceEncoder
+from rayrec.models.transformer import SequenceEncoder, last_positions
 
 
 @dataclass
@@ -30,7 +30,9 @@ class BERT4RecConfig:
     hidden: int = 64  # embedding and hidden size
     blocks: int = 2  # transformer blocks
     heads: int = 2  # attention heads; must divide hidden
-    dropout: float = 0.2  # embedding, attention and feed-forward dropout
+    dropout: float = 0.1  # embedding, residual and feed-forward dropout (BERT's 0.1)
+    attn_dropout: float = 0.0  # dropout on attention weights; 0 keeps the fused CPU kernel (see sasrec.py)
+    ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden (BERT: 4, i.e. 256 at hidden 64)
     max_len: int = 200  # most recent items a user's sequence keeps (scoring: max_len - 1 items + [MASK])
     # Share of real positions replaced by [MASK] in training. Keep search ranges >= 0.15
     # (field-lessons §3): lower values give too few targets per sequence and overfit.
@@ -56,13 +58,12 @@ class BERT4Rec(RecModel):
         self.mask_token = data.n_items + 1
         self.encoder = SequenceEncoder(
             data.n_items + 2, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len,
-            causal=False, init_std=cfg.init_std,
+            causal=False, init_std=cfg.init_std, attn_dropout=cfg.attn_dropout, ffn_mult=cfg.ffn_mult,
         )
 
-    def train_batches(self, data, batch_size: int, rng: np.random.Generator):
+    def train_batches(self, data, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1):
         # Masks are drawn in `loss`, on the device, so batches are plain sequences.
-        for seq in sequence_batches(data.train, self.cfg.max_len, batch_size, rng):
-            yield {"seq": seq}
+        return sequence_batches(data.train, self.cfg.max_len, batch_size, rng, bucket_batches=bucket_batches)
 
     def cloze(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a batch for training: (inputs with [MASK] tokens, bool mask of the masked positions).
@@ -74,11 +75,13 @@ class BERT4Rec(RecModel):
         B, L = seq.shape
         real = seq != 0  # (B, L)
         masked = (torch.rand(B, L, device=seq.device) < self.cfg.mask_prob) & real
-        # Left padding: the last position holds the most recent item of every non-empty row.
         last_only = torch.rand(B, device=seq.device) < self.cfg.last_mask_ratio  # (B,)
         masked = masked & ~last_only[:, None]
-        empty = ~masked.any(dim=1)  # (B,): last_only rows and rows the draw left unmasked
-        masked[:, -1] |= empty & real[:, -1]
+        empty = ~masked.any(dim=1) & real.any(dim=1)  # (B,): last_only rows and rows the draw left unmasked
+        # Right padding: each row's most recent item sits at its last real column.
+        rows = torch.arange(B, device=seq.device)
+        last = last_positions(seq)
+        masked[rows, last] |= empty
         inputs = seq.masked_fill(masked, self.mask_token)
         return inputs, masked
 
@@ -90,14 +93,14 @@ class BERT4Rec(RecModel):
         return item_loss(hidden[masked], seq[masked], items, self.cfg.loss, self.cfg.negatives)
 
     def eval_inputs(self, history, users):
-        # The last max_len - 1 items then [MASK]: the model fills in the next item. Positions
-        # count back from the end (transformer.py), so trimming all-padding columns changes nothing.
-        seq = trim_padding(last_items(history, users, self.cfg.max_len - 1))
-        mask = np.full((len(seq), 1), self.mask_token, dtype=np.int64)
-        return {"seq": np.concatenate([seq, mask], axis=1)}
+        # The last max_len - 1 items then [MASK] right after them: the model fills in the next item.
+        items = recent_items(history, users, self.cfg.max_len - 1)
+        seq = np.concatenate([items, np.zeros((len(items), 1), dtype=np.int64)], axis=1)
+        seq[np.arange(len(seq)), (items != 0).sum(axis=1)] = self.mask_token
+        return {"seq": seq}
 
     def score(self, batch):
-        hidden = self.encoder(batch["seq"])[:, -1]  # (B, C): state at the [MASK] position
+        hidden = self.encoder(batch["seq"], last_only=True)  # (B, C): state at the [MASK] position
         return hidden @ self.encoder.item_emb.weight[: self.n_items + 1].T  # (B, N + 1)
 
 

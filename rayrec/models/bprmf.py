@@ -58,7 +58,7 @@ class BPRMF(RecModel):
         """(users (U, C), items (N, C)) that scores are dot products of; MF uses the ego embeddings."""
         return self.user_emb.weight, self.item_emb.weight
 
-    def train_batches(self, data, batch_size: int, rng: np.random.Generator):
+    def train_batches(self, data, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1):
         return pair_batches(data.train, self.n_items, batch_size, rng, self.cfg.negatives)
 
     def loss(self, batch):

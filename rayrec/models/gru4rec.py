@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rayrec.errors import UserError
+from rayrec.models import ops
 from rayrec.models.base import ModelSpec
 from rayrec.models.next_item import NextItemModel
 from rayrec.models.sasrec import check_sequence_config
@@ -44,14 +45,12 @@ class GRU4Rec(NextItemModel):
     def __init__(self, cfg: GRU4RecConfig, data):
         super().__init__(cfg, data)
         self.item_emb = nn.Embedding(data.n_items + 1, cfg.embedding, padding_idx=0)
-        self.emb_dropout = nn.Dropout(cfg.dropout)
         # The GRU keeps PyTorch's uniform(+-1/sqrt(hidden)) init, which suits its gates;
         # init_std applies to the embedding and projection, as in SASRec.
         self.gru = nn.GRU(
             cfg.embedding, cfg.hidden, num_layers=cfg.layers, batch_first=True,
             dropout=cfg.dropout if cfg.layers > 1 else 0.0,
         )
-        self.out_dropout = nn.Dropout(cfg.dropout)
         self.proj = nn.Linear(cfg.hidden, cfg.embedding) if cfg.hidden != cfg.embedding else nn.Identity()
         nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
         with torch.no_grad():
@@ -61,28 +60,19 @@ class GRU4Rec(NextItemModel):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq: (B, L) left-padded item ids -> (B, L, E) states, left-aligned like `seq`.
+        """seq: (B, L) right-padded item ids -> (B, L, E) states, aligned with `seq`.
 
-        Padding side: batches are left-padded (shared with SASRec, most recent item last).
-        Run on that directly, the GRU would read the padding first and reach the first item
-        in a state that depends on how much padding there was. So each row is rotated to
-        right padding, the GRU runs from a zero state at the first real item, and the
-        outputs are rotated back. A GRU is causal, so the trailing padding cannot reach the
-        states at real positions: they equal those of the unpadded sequence, with no packing
-        and no host sync. States at padding positions are meaningless and never used.
+        Right padding means the GRU starts from a zero state at each row's first item, and
+        a GRU is causal, so the padding after a row's items cannot reach the states at its
+        real positions: they equal those of the unpadded sequence, with no packing and no
+        host sync. States at padding positions are meaningless and never used.
         """
-        B, L = seq.shape
-        n = (seq != 0).sum(dim=1)  # (B,) real items per row
-        pos = torch.arange(L, device=seq.device)[None]  # (1, L)
-        to_right = (pos + (L - n)[:, None]) % L  # right-padded position j reads left position j + L - n
-        x = self.emb_dropout(self.item_emb(seq.gather(1, to_right)))  # (B, L, E), right-padded
+        x = ops.dropout(self.item_emb(seq), self.cfg.dropout, self.training)  # (B, L, E)
         # The recurrence stays in fp32 under AMP: rounding compounds over up to max_len steps,
         # bf16 RNNs are recent in cuDNN, and the full softmax, not the GRU, dominates the cost.
         with torch.autocast(seq.device.type, enabled=False):
             h, _ = self.gru(x.float())  # (B, L, H)
-        h = self.proj(self.out_dropout(h))  # (B, L, E)
-        to_left = (pos + n[:, None]) % L  # the inverse rotation
-        return h.gather(1, to_left[..., None].expand(-1, -1, h.shape[-1]))
+        return self.proj(ops.dropout(h, self.cfg.dropout, self.training))  # (B, L, E)
 
     def states(self, seq):
         return self(seq)  # (B, L, C)

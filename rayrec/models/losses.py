@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from rayrec.models.ops import softmax_cross_entropy
+
 LOSSES = ("ce", "bce", "bpr", "sampled_softmax")
 
 
@@ -16,16 +18,14 @@ def item_loss(
 
     hidden: (P, C) states at the P supervised positions; targets: (P,) item ids >= 1;
     item_weight: (N + 1, C), row 0 = padding.
-    ce: full softmax over all N items (the strongest choice, SASRec+).
+    ce: full softmax over all N items (the strongest choice, SASRec+), in chunks (ops.py).
     bce: one positive vs `negatives` uniform negatives, binary cross-entropy (vanilla SASRec).
     bpr: pairwise -log sigmoid(pos - neg), averaged over `negatives` negatives (GRU4Rec-style).
     sampled_softmax: softmax over the positive and `negatives` uniform negatives.
     Negatives come from torch's generator on the device, so seeding torch fixes them.
     """
     if kind == "ce":
-        logits = hidden @ item_weight.T  # (P, N + 1)
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits.float(), targets)
+        return softmax_cross_entropy(hidden, item_weight, targets)
     n_items = item_weight.shape[0] - 1
     neg = torch.randint(1, n_items + 1, (targets.shape[0], negatives), device=targets.device)  # (P, k)
     pos_logit = (hidden * item_weight[targets]).sum(-1)  # (P,)

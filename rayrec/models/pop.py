@@ -35,7 +35,9 @@ class Popularity(RecModel):
         # optimiser ever sees it.
         self.register_buffer("counts", counts)
 
-    def train_batches(self, data: SplitData, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    def train_batches(
+        self, data: SplitData, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1
+    ) -> Iterator[dict[str, Any]]:
         return iter(())
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

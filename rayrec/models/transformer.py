@@ -1,6 +1,17 @@
 """A pre-norm transformer encoder over item sequences, shared by SASRec (causal) and BERT4Rec
-(bidirectional). Attention goes through `scaled_dot_product_attention`, which picks a fused
-kernel on GPU and stays exact on CPU."""
+(bidirectional).
+
+Speed without approximation (docs/benchmarks.md has the measurements):
+- Sequences are right-padded (rayrec.data.batches.recent_items), so causal attention needs
+  no mask at all: a real position only looks at earlier positions, which are all real, and
+  `scaled_dot_product_attention(is_causal=True)` takes its fused kernel on CPU and GPU.
+  Bidirectional attention passes a key-padding mask, which the fused CPU kernel also takes.
+- Attention dropout cannot go through the fused CPU kernel; when it is on, attention on CPU
+  is computed explicitly with the cheap dropout of `ops.dropout`. `attn_dropout=0` keeps
+  the fused kernel.
+- Scoring needs only the most recent position: the last block computes its query,
+  attention and feed-forward for that position alone (`last_only`).
+"""
 
 from __future__ import annotations
 
@@ -8,68 +19,109 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rayrec.models import ops
+
 
 class Block(nn.Module):
-    def __init__(self, hidden: int, heads: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, dropout: float, attn_dropout: float, ffn_mult: int):
         super().__init__()
         self.heads = heads
+        self.dropout = dropout
+        self.attn_dropout = attn_dropout
         self.norm1 = nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(
-            nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * hidden, hidden)
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.attn_dropout = dropout
+        self.ffn_in = nn.Linear(hidden, ffn_mult * hidden)
+        self.ffn_out = nn.Linear(ffn_mult * hidden, hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: (B, L, C); mask: (B, 1, L, L) bool, True = may attend
+    def forward(
+        self, x: torch.Tensor, causal: bool, key_mask: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, L, C) -> (B, L, C); with query_index (B,), only those positions: (B, 1, C).
+
+        key_mask: (B, 1, 1, L) bool, True = a real key (bidirectional attention only).
+        """
         B, L, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
-        q, k, v = (t.view(B, L, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, C/H)
+        h = self.norm1(x)
+        if query_index is None:
+            q, k, v = self.qkv(h).split(C, dim=-1)  # (B, L, C) each
+        else:
+            rows = torch.arange(B, device=x.device)
+            x = x[rows, query_index][:, None]  # (B, 1, C): the residual stream of the queries
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(h[rows, query_index][:, None], w[:C], b[:C])  # (B, 1, C)
+            k, v = F.linear(h, w[C:], b[C:]).split(C, dim=-1)  # (B, L, C): every position is a key
+            if causal:
+                # One query per row, at its last real item: it sees every key up to itself,
+                # which with right padding is a key mask, not the square causal mask.
+                upto = torch.arange(L, device=x.device)[None, :] <= query_index[:, None]  # (B, L)
+                key_mask, causal = upto[:, None, None, :], False
+        q, k, v = (t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, ., C/H)
+        a = self._attention(q, k, v, causal, key_mask)  # (B, H, Lq, C/H)
+        x = x + ops.dropout(self.proj(a.transpose(1, 2).reshape(B, -1, C)), self.dropout, self.training)
+        f = self.ffn_out(ops.dropout(F.gelu(self.ffn_in(self.norm2(x))), self.dropout, self.training))
+        return x + ops.dropout(f, self.dropout, self.training)
+
+    def _attention(self, q, k, v, causal: bool, key_mask: torch.Tensor | None) -> torch.Tensor:
         drop = self.attn_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(B, L, C)))
-        return x + self.dropout(self.ffn(self.norm2(x)))
+        if drop > 0 and q.device.type == "cpu":
+            # Explicit attention, so the dropout on the weights is the cheap one.
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
+            if causal:
+                lq, lk = scores.shape[-2:]
+                allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, float("-inf"))
+            return ops.dropout(scores.softmax(dim=-1), drop, True) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=drop, is_causal=causal)
 
 
 class SequenceEncoder(nn.Module):
     """Item + learned position embeddings, `blocks` transformer blocks, final LayerNorm.
 
-    Sequences are left-padded with item 0, so the most recent item sits at the last position.
-    Positions count back from that item (0 = most recent), so a batch trimmed of its
-    all-padding columns embeds exactly as the full-width one: the same item at the same
-    recency gets the same position whatever the batch width.
+    Input: (B, L) item ids, right-padded with 0 (a row's n items in columns 0..n - 1, most
+    recent last). Positions count back from the most recent item (0 = most recent), so the
+    same item at the same recency embeds the same whatever the batch width or padding.
+    States at padding positions are meaningless and never read.
     """
 
     def __init__(
         self, n_tokens: int, hidden: int, blocks: int, heads: int, dropout: float, max_len: int,
-        causal: bool, init_std: float = 0.02,
+        causal: bool, init_std: float = 0.02, attn_dropout: float = 0.0, ffn_mult: int = 4,
     ):
         super().__init__()
         self.causal = causal
+        self.dropout = dropout
         self.item_emb = nn.Embedding(n_tokens, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
-        self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, attn_dropout, ffn_mult) for _ in range(blocks))
         self.norm = nn.LayerNorm(hidden)
         self.apply(lambda m: _init(m, init_std))
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        # seq: (B, L) item ids, 0 = padding -> (B, L, C) hidden states
+    def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """seq: (B, L) -> (B, L, C) states; last_only: (B, C), the state at each row's last item."""
         B, L = seq.shape
-        keep = seq != 0  # (B, L)
-        pos = torch.arange(L - 1, -1, -1, device=seq.device)  # recency: 0 = most recent
-        x = self.emb_dropout(self.item_emb(seq) + self.pos_emb(pos)[None]) * keep[..., None]
-        allowed = keep[:, None, None, :]  # keys that are real items
-        if self.causal:
-            allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()[None, None]
-        # A padded query with no key left would give NaN; let every position see itself.
-        mask = allowed | torch.eye(L, dtype=torch.bool, device=seq.device)[None, None]
-        for block in self.blocks:
-            x = block(x, mask) * keep[..., None]
-        return self.norm(x)
+        real = seq != 0  # (B, L)
+        n = real.sum(dim=1)  # (B,)
+        recency = (n[:, None] - 1 - torch.arange(L, device=seq.device)[None, :]).clamp_(min=0)  # (B, L)
+        x = ops.dropout(self.item_emb(seq) + self.pos_emb(recency), self.dropout, self.training)
+        key_mask = None if self.causal else real[:, None, None, :]
+        if not last_only:
+            for block in self.blocks:
+                x = block(x, self.causal, key_mask)
+            return self.norm(x)
+        for block in self.blocks[:-1]:
+            x = block(x, self.causal, key_mask)
+        x = self.blocks[-1](x, self.causal, key_mask, query_index=(n - 1).clamp(min=0))  # (B, 1, C)
+        return self.norm(x[:, 0])
+
+
+def last_positions(seq: torch.Tensor) -> torch.Tensor:
+    """(B,) column of each right-padded row's most recent item (0 for an empty row)."""
+    return ((seq != 0).sum(dim=1) - 1).clamp(min=0)
 
 
 def _init(module: nn.Module, std: float) -> None:

@@ -200,7 +200,7 @@ class Trainer:
         tc = self.cfg.train
         seed_epoch(tc.seed, epoch)
         rng = np.random.default_rng([tc.seed, epoch])
-        batches = list(self.model.train_batches(self.data, tc.batch_size, rng))
+        batches = list(self.model.train_batches(self.data, tc.batch_size, rng, bucket_batches=tc.bucket_batches))
         if tc.limit_train_batches > 0:
             batches = batches[: tc.limit_train_batches]
         if not batches:
@@ -229,6 +229,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.model.loss(batch)
+        if "weight" in batch:  # length-bucketed batches: see batches.sequence_batches
+            loss = loss * batch["weight"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (lr {self.optimizer.param_groups[0]['lr']:.3g})")
         if self.scaler is not None:
