@@ -403,10 +403,10 @@ def _bounded(fn, what: str, timeout: float | None = None):
 
 
 def _first_line(exc: BaseException) -> str:
+    from rayrec.errors import first_line
     from rayrec.storage import redact
 
-    lines = str(exc).strip().splitlines()
-    return redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+    return redact(first_line(exc))
 
 
 # --- reading offline runs back ----------------------------------------------------------

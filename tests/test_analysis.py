@@ -300,3 +300,30 @@ def test_missing_sweeps_and_spaces_are_one_line_errors(tmp_path):
     write_sweep(tmp_path, ten_trials())
     line = one_line_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
     assert "rayrec narrow hand" in line
+
+
+def test_summary_table_ranks_best_first_under_the_sweeps_mode():
+    from rayrec.tune.sweep import SweepResult, summary_table
+
+    trials = pd.DataFrame({"trial_id": ["low", "high", "mid", "nan"], "status": ["finished"] * 4, "epochs": [2] * 4,
+                           "best_val_avg_rank": [3.0, 9.0, 5.0, float("nan")], "config/train.lr": [1e-3] * 4})
+
+    def order(mode: str) -> list[str]:
+        table = summary_table(SweepResult("x", trials, None, {}, ["train.lr"], mode=mode), "avg_rank")
+        return [line.split()[0] for line in table.splitlines()[1:-1]]
+
+    assert order("min") == ["low", "mid", "high", "nan"]
+    assert order("max") == ["high", "mid", "low", "nan"]
+
+
+def test_first_line_is_the_first_line_of_the_original_exception():
+    from ray.exceptions import RayTaskError
+
+    from rayrec.errors import first_line
+
+    assert first_line(ValueError("bad value\n  detail\nlast words")) == "ValueError: bad value"
+    assert first_line(KeyError()) == "KeyError"
+    # What a failed trial or Ray task hands back: the worker's traceback around the cause.
+    wrapped = RayTaskError("train", "Traceback (most recent call last):\n  File x\nRuntimeError: boom",
+                           RuntimeError("injected failure at epoch 2\nsecond line")).as_instanceof_cause()
+    assert first_line(wrapped) == "RuntimeError: injected failure at epoch 2"

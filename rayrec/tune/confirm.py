@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rayrec.errors import UserError
+from rayrec.errors import UserError, first_line
 from rayrec.tune.analysis import (
     ROBUST_FILE, SweepResults, best_epochs, export_robust, load_results, plain, require_completed,
     robust_config, trial_overrides,
@@ -137,7 +137,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
             log.info("confirm %s seed %d: %s %.4f (best epoch %d)", cand.name, seed, metric_col,
                      row.get(metric_col, float("nan")), row.get("best_epoch", 0))
         except ray.exceptions.RayError as exc:
-            row.update({metric_col: float("nan"), "error": str(exc).strip().splitlines()[-1][:300]})
+            row.update({metric_col: float("nan"), "error": first_line(exc)[:300]})
             log.warning("confirm %s seed %d failed: %s", cand.name, seed, row["error"])
         rows.append(row)
     order = {c.name: i for i, c in enumerate(cands)}

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rayrec.config import build_config, flatten, load_yaml, parse_overrides, unflatten
-from rayrec.errors import UserError, did_you_mean
+from rayrec.errors import UserError, did_you_mean, first_line
 from rayrec.tune.space import SCHEDULERS, SEARCHES, SearchSpace, diff_spaces, load_space, parse_space
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class SweepResult:
     history: Any
     best: dict[str, Any]
     searched: list[str] | None = None  # the space's parameter keys (for the summary table)
+    mode: str = "max"  # the sweep's mode: the summary table ranks the best trial first under it
 
 
 # --- planning (no Ray) ------------------------------------------------------------------
@@ -503,7 +504,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             "epochs": int(last.get("epoch", 0) or 0),
             f"best_{metric}": best,
             f"last_{metric}": last.get(metric, float("nan")),
-            "error": _first_line(result.error),
+            "error": first_line(result.error)[:300] if result.error is not None else "",
             # Starts from a checkpoint: retries after a failure, sweep resumes, PBT exploits.
             "restores": int((frame["restored_epoch"] > 0).sum()) if frame is not None and "restored_epoch" in frame else 0,
             **{f"config/{k}": v for k, v in sampled.items()},
@@ -556,7 +557,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
     }
     write_yaml(join(plan.experiment, "summary.yaml"), summary)
     return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best,
-                       searched=list(plan.space.params))
+                       searched=list(plan.space.params), mode=s["mode"])
 
 
 def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
@@ -610,19 +611,13 @@ def _finite(v) -> bool:
         return False
 
 
-def _first_line(error) -> str:
-    if error is None:
-        return ""
-    text = str(error).strip().splitlines()
-    return text[-1][:300] if text else type(error).__name__
-
-
 def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
+    """The `top` trials, best first under the sweep's mode, then the status counts."""
     trials = result.trials
     if not len(trials):
         return "no trials"
     col = f"best_val_{metric}"
-    ordered = trials.sort_values(col, ascending=False, na_position="last").head(top)
+    ordered = trials.sort_values(col, ascending=result.mode == "min", na_position="last").head(top)
     searched = set(result.searched) if result.searched is not None else None
     cfg_cols = [c for c in ordered.columns if c.startswith("config/") and (searched is None or c[7:] in searched)]
     header = f"{'trial':<14}{'status':<14}{'epochs':>6}  {metric:>10}  " + "  ".join(c.split('/', 1)[1] for c in cfg_cols)
