@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from rayrec.cli import app
 from rayrec.errors import UserError
+from rayrec.train.trainer import lr_factor
 from rayrec.tune.analysis import (
     diagnose, export_robust, load_results, narrow_param, narrow_space, parameter_importance, pbt_lineage,
     robust_params, write_narrowing,
@@ -327,3 +328,30 @@ def test_first_line_is_the_first_line_of_the_original_exception():
     wrapped = RayTaskError("train", "Traceback (most recent call last):\n  File x\nRuntimeError: boom",
                            RuntimeError("injected failure at epoch 2\nsecond line")).as_instanceof_cause()
     assert first_line(wrapped) == "RuntimeError: injected failure at epoch 2"
+
+
+def test_final_train_on_valid_follows_the_trials_learning_rate_path(tmp_path):
+    from rayrec.config import build_config
+    from rayrec.data import load_split
+    from rayrec.train.trainer import Trainer
+    from rayrec.tune.confirm import FinalOptions, run_final
+
+    # One 4-epoch trial whose validation metric peaked at epoch 2: the retrain stops there.
+    trial = config(3e-3)
+    history = pd.DataFrame({"trial_id": "t00", "epoch": [1, 2, 3, 4], "val_ndcg@10": [0.1, 0.3, 0.2, 0.25]})
+    path = write_sweep(tmp_path, [dict(value=0.3, config=trial)], history=history)
+    tiny = {"model.blocks": 1, "model.dropout": 0.1, "data.synthetic_users": 60, "data.synthetic_items": 40,
+            "data.synthetic_length": 10, "train.num_threads": 1, "train.warmup_epochs": 1.0}
+    cfg = build_config("sasrec", BASE, {**trial, **tiny})
+    with open(os.path.join(path, "best.yaml"), "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh)
+
+    record = run_final(FinalOptions(sweep=path, train_on_valid=True))
+    assert record["epochs"] == 2 and record["config"]["train"]["schedule_epochs"] == 4
+    final_lrs = pd.read_parquet(os.path.join(record["run"], "metrics.parquet"))["lr"].tolist()
+    trial_run = Trainer(cfg, load_split(cfg.data))
+    trial_run.fit(on_epoch=lambda tr, rec: rec["epoch"] == 2)  # the trial's first two epochs
+    assert len(final_lrs) == 2
+    assert final_lrs == pytest.approx([r["lr"] for r in trial_run.history], rel=1e-12)
+    # Not the path of a 2-epoch schedule (the retrain used to follow it), which ends at 0.
+    assert lr_factor(2.0, 2, 1.0, "cosine", 0.0) == 0.0 < final_lrs[-1]

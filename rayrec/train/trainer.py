@@ -48,7 +48,8 @@ def resolve_device(requested: str) -> torch.device:
 def lr_factor(progress: float, epochs: int, warmup_epochs: float, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr at `progress` epochs (fractional): linear warm-up, then cosine or constant.
 
-    Warm-up is capped at 20% of the run so that a short run still spends most steps decaying.
+    `epochs` is the schedule's horizon (TrainConfig.schedule_horizon). Warm-up is capped at 20%
+    of it so that a short run still spends most steps decaying.
     """
     warm = min(warmup_epochs, 0.2 * epochs)
     if warm > 0 and progress < warm:
@@ -212,7 +213,8 @@ class Trainer:
         total, lr = 0.0, tc.lr
         bar = _progress(len(batches), f"epoch {epoch + 1}") if progress else None
         for i, batch in enumerate(batches):
-            lr = tc.lr * lr_factor(epoch + (i + 1) / len(batches), tc.epochs, tc.warmup_epochs, tc.schedule, tc.min_lr_ratio)
+            lr = tc.lr * lr_factor(epoch + (i + 1) / len(batches), tc.schedule_horizon, tc.warmup_epochs,
+                                   tc.schedule, tc.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss = self._step(batch_to_device(batch, self.device))

@@ -272,11 +272,13 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         data = load_split(cfg.data)
     if opts.train_on_valid:
         # No validation set is left for early stopping: train for the epoch count the tuning
-        # run's best epoch indicated (median over the trials the config came from).
+        # run's best epoch indicated (median over the trials the config came from), on the
+        # trial's learning-rate path: its schedule horizon stays, only the run stops sooner.
         found = sorted(best_epochs(results, source_trials))
         epochs = found[len(found) // 2] if found else cfg.train.epochs
         epochs = max(1, int(epochs))
-        cfg = build_config(base=cfg.to_dict(), overrides={"train.epochs": epochs, "train.patience": epochs + 1})
+        cfg = build_config(base=cfg.to_dict(), overrides={
+            "train.epochs": epochs, "train.schedule_epochs": cfg.train.schedule_horizon, "train.patience": epochs + 1})
         data = with_validation_in_train(data)
     output = _unused_run_dir(results)
     start = time.perf_counter()
