@@ -110,6 +110,7 @@ def train(
     from rayrec.models import check_model_data
     from rayrec.storage import check_writable
     from rayrec.train.run import default_output, train_run
+    from rayrec.train.trainer import NO_SELECTION
 
     output = output or default_output(cfg)
     check_writable(output, must_not_exist=True)  # before minutes of preprocessing and training
@@ -119,7 +120,7 @@ def train(
     metric = cfg.train.metric
 
     def on_epoch(trainer, record):
-        best = " *" if record.get("best_epoch") == record["epoch"] else ""
+        best = " *" if trainer.has_validation and record.get("best_epoch") == record["epoch"] else ""
         echo(
             f"epoch {record['epoch']:>3}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
             f"lr {record['lr']:.2e}  val {format_metrics(record, (metric, 'hr@10'), 'val_')}  "
@@ -129,8 +130,12 @@ def train(
     result = train_run(cfg, split, output=output, init_from=init_from, on_epoch=on_epoch,
                        progress=progress and sys.stderr.isatty())
     fit = result.fit
-    echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; best epoch {fit.best_epoch}")
-    echo(f"valid (best epoch): {format_metrics(fit.best_metrics, prefix='val_')}")
+    if fit.selection == NO_SELECTION:
+        echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; selected: {NO_SELECTION}, "
+             f"kept the last epoch's weights (epoch {fit.best_epoch})")
+    else:
+        echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; best epoch {fit.best_epoch}")
+        echo(f"valid (best epoch): {format_metrics(fit.best_metrics, prefix='val_')}")
     echo(f"test  (once):       {format_metrics(result.test_metrics)}")
     echo(f"run directory: {result.output}")
 

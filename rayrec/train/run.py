@@ -142,6 +142,7 @@ def train_run(
             "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run,
             "stop_reason": fit.stop_reason,
+            "selection": fit.selection,
             "valid": {k.removeprefix("val_"): float(v) for k, v in fit.best_metrics.items()},
             "test": {k: float(v) for k, v in test.items()},
             "rayrec_version": rayrec.__version__,

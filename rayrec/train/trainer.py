@@ -34,6 +34,7 @@ from rayrec.train.evaluate import batch_to_device, evaluate, evaluate_on_train
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+NO_SELECTION = "none (no validation users)"  # FitResult.selection of a run without validation users
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -91,6 +92,10 @@ class FitResult:
     last_metrics: dict[str, float]
     epochs_run: int
     stop_reason: str  # 'early_stopped' | 'finished' | 'stopped'
+    # How best_epoch was chosen: 'best val_<metric>', or NO_SELECTION when the data has no
+    # validation users (every epoch of the budget trained, best_epoch = the last one, its
+    # weights kept, best_metrics empty).
+    selection: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -111,6 +116,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch = 0  # epochs completed
         self.stopper = EarlyStopping(tc.patience, tc.min_delta)
+        # Without validation users every validation metric is NaN: nothing to select or stop on.
+        self.has_validation = len(data.eval_users("valid")) > 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
         self.stop_reason = ""
@@ -165,7 +172,7 @@ class Trainer:
             start = time.perf_counter()
             record = self._record(self.epoch, float("nan"), 0.0, start)
             self.epoch += 1
-            self.stopper.update(record[f"val_{tc.metric}"], self.epoch)
+            self._track_best(record)
             self.best_state = self._weights()
             self.stop_reason = "finished"
             if on_epoch is not None:
@@ -176,7 +183,7 @@ class Trainer:
             loss, lr = self.train_epoch(self.epoch, progress=progress)
             record = self._record(self.epoch, loss, lr, start)
             self.epoch += 1
-            if self.stopper.update(record[f"val_{tc.metric}"], self.epoch):
+            if self._track_best(record):
                 self.best_state = self._weights()
             record["best_epoch"] = self.stopper.best_epoch
             if self.stopper.should_stop:
@@ -190,6 +197,17 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self._result()
+
+    def _track_best(self, record: dict[str, Any]) -> bool:
+        """Early-stopping bookkeeping for the epoch just ended; True when it is the new best.
+
+        Without validation users nothing is selected: the latest epoch stands as best_epoch,
+        patience never runs out (the whole budget trains) and fit keeps the final weights.
+        """
+        if not self.has_validation:
+            self.stopper.best_epoch = self.epoch
+            return False
+        return self.stopper.update(record[f"val_{self.cfg.train.metric}"], self.epoch)
 
     @property
     def finished(self) -> bool:
@@ -275,12 +293,14 @@ class Trainer:
 
     def _result(self) -> FitResult:
         best = next((r for r in self.history if r["epoch"] == self.stopper.best_epoch), self.history[-1] if self.history else {})
+        selected = self.has_validation
         return FitResult(
             best_epoch=self.stopper.best_epoch,
-            best_metrics={k: v for k, v in best.items() if k.startswith("val_")},
+            best_metrics={k: v for k, v in best.items() if k.startswith("val_")} if selected else {},
             last_metrics=dict(self.history[-1]) if self.history else {},
             epochs_run=self.epoch,
             stop_reason=self.stop_reason or "finished",
+            selection=f"best val_{self.cfg.train.metric}" if selected else NO_SELECTION,
             history=list(self.history),
         )
 

@@ -278,7 +278,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         epochs = found[len(found) // 2] if found else cfg.train.epochs
         epochs = max(1, int(epochs))
         cfg = build_config(base=cfg.to_dict(), overrides={
-            "train.epochs": epochs, "train.schedule_epochs": cfg.train.schedule_horizon, "train.patience": epochs + 1})
+            "train.epochs": epochs, "train.schedule_epochs": cfg.train.schedule_horizon})
         data = with_validation_in_train(data)
     output = _unused_run_dir(results)
     start = time.perf_counter()

@@ -271,6 +271,7 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
     if data is None:
         data = load_split(cfg.data)
     check_model_data(plan.model, data)  # e.g. a sequential model on unordered data: refuse before Ray starts
+    require_validation(data, plan.settings["metric"])
     log.info(data.summary())
     connect_ray(opts.address, opts.verbose)
     check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
@@ -282,6 +283,16 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
 
     log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
     return result
+
+
+def require_validation(data, metric: str) -> None:
+    """Trials are ranked, pruned and early-stopped on validation metrics: refuse data without validation users."""
+    if len(data.eval_users("valid")) == 0:
+        raise UserError(
+            f"dataset '{data.name}' has no validation users, so a sweep cannot rank trials on val_{metric}; "
+            "give it a validation split (e.g. --set data.valid_ratio=0.1 with a ratio or temporal split), "
+            "or train one config without selection with `rayrec train`"
+        )
 
 
 def spec_record(plan: Plan, data) -> dict[str, Any]:
