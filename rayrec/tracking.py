@@ -315,7 +315,8 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", plan.name)[:56] + "-summary"
     summary = {f"best/{best['metric']}": best["value"], "best/trial_id": best.get("trial_id"),
                "trial_count": int(len(result.trials))}  # not "trials": that key is the table
-    summary.update({f"test/{k}": v for k, v in (best.get("test") or {}).items()})
+    for section in (s for s in best if s.startswith("test")):  # "test" and "test_<group>"
+        summary.update({f"{section}/{k}": v for k, v in (best[section] or {}).items()})
     if len(result.trials):
         summary.update({f"status/{k}": int(v) for k, v in result.trials["status"].value_counts().items()})
     searched = set(result.searched or [])

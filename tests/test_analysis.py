@@ -330,7 +330,7 @@ def test_first_line_is_the_first_line_of_the_original_exception():
     assert first_line(wrapped) == "RuntimeError: injected failure at epoch 2"
 
 
-def test_final_train_on_valid_follows_the_trials_learning_rate_path(tmp_path):
+def test_final_train_on_valid_follows_the_trials_learning_rate_path_and_reports_test_groups(tmp_path):
     from rayrec.config import build_config
     from rayrec.data import load_split
     from rayrec.train.trainer import Trainer
@@ -346,10 +346,13 @@ def test_final_train_on_valid_follows_the_trials_learning_rate_path(tmp_path):
     with open(os.path.join(path, "best.yaml"), "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh)
 
-    record = run_final(FinalOptions(sweep=path, train_on_valid=True))
+    data = load_split(cfg.data)
+    data.test_groups = {"first": np.arange(10)}  # a declared test group is reported beside all users
+    record = run_final(FinalOptions(sweep=path, train_on_valid=True), data=data)
     assert record["epochs"] == 2 and record["config"]["train"]["schedule_epochs"] == 4
+    assert record["test"]["n_users"] == 60 and record["test_first"]["n_users"] == 10
     final_lrs = pd.read_parquet(os.path.join(record["run"], "metrics.parquet"))["lr"].tolist()
-    trial_run = Trainer(cfg, load_split(cfg.data))
+    trial_run = Trainer(cfg, data)
     trial_run.fit(on_epoch=lambda tr, rec: rec["epoch"] == 2)  # the trial's first two epochs
     assert len(final_lrs) == 2
     assert final_lrs == pytest.approx([r["lr"] for r in trial_run.history], rel=1e-12)

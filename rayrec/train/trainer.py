@@ -280,16 +280,25 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def evaluate(self, split: str = "valid") -> dict[str, float]:
+    def evaluate(self, split: str = "valid", users: np.ndarray | None = None) -> dict[str, float]:
+        """Metrics of the current weights on `split`, over `users` (default: all with a target)."""
         tc = self.cfg.train
         return evaluate(
             self.model, self.data, split, tc.ks, self.device, batch_size=tc.eval_batch_size,
-            sampled_negatives=tc.sampled_negatives, seed=tc.seed,
+            sampled_negatives=tc.sampled_negatives, seed=tc.seed, users=users,
         )
 
     def test(self) -> dict[str, float]:
-        """Test metrics of the current (best, after fit) weights. Call once per run."""
+        """Test metrics of the current (best, after fit) weights on all users."""
         return self.evaluate("test")
+
+    def test_report(self) -> dict[str, dict[str, float]]:
+        """The run's test evaluation, by section: 'test' (all users) and 'test_<group>' for each
+        group of test users the dataset declares (SplitData.test_groups). Call once per run."""
+        report = {"test": self.test()}
+        for name, users in self.data.test_groups.items():
+            report[f"test_{name}"] = self.evaluate("test", users=users)
+        return report
 
     def _result(self) -> FitResult:
         best = next((r for r in self.history if r["epoch"] == self.stopper.best_epoch), self.history[-1] if self.history else {})

@@ -238,7 +238,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
     """Retrain the chosen config, evaluate on test once, and record it in final.yaml."""
     from rayrec.config import build_config
     from rayrec.storage import exists, read_yaml, write_yaml
-    from rayrec.train.run import train_run
+    from rayrec.train.run import plain_sections, train_run
 
     if opts.config not in ("best", "robust"):
         raise UserError(f"--config '{opts.config}' is not valid; valid: best, robust")
@@ -292,7 +292,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         "epochs": epochs if epochs is not None else int(run.fit.epochs_run),
         "best_epoch": int(run.fit.best_epoch) if not opts.train_on_valid else None,
         "valid": None if opts.train_on_valid else {k.removeprefix("val_"): float(v) for k, v in run.fit.best_metrics.items()},
-        "test": {k: float(v) for k, v in run.test_metrics.items()},
+        **plain_sections(run.tests),  # 'test' (all users), 'test_<group>' for the dataset's test groups
         "metric": results.metric,
         "run": output,
         "seconds": round(time.perf_counter() - start, 1),
@@ -313,16 +313,15 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
 def with_validation_in_train(data):
     """The split with each user's validation items appended to their training items and no
     validation targets left (test keeps its own; test-time masking then covers train + valid)."""
+    import dataclasses
+
     import numpy as np
 
-    from rayrec.data.types import CSR, SplitData
+    from rayrec.data.types import CSR
 
     empty = CSR(np.zeros(data.n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    return SplitData(
-        name=data.name, n_users=data.n_users, n_items=data.n_items, train=data.train.concat(data.valid),
-        valid=empty, test=data.test, ordered=data.ordered, fingerprint=data.fingerprint,
-        info={**data.info, "train_on_valid": True},
-    )
+    return dataclasses.replace(data, train=data.train.concat(data.valid), valid=empty,
+                               info={**data.info, "train_on_valid": True})
 
 
 def _unused_run_dir(results: SweepResults) -> str:

@@ -552,7 +552,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             best["checkpoint"] = to_url(plan.storage, best_result.checkpoint.path)
         if plan.options.evaluate_test and best_result.checkpoint is not None:
             with best_result.checkpoint.as_directory() as d:
-                best["test"] = evaluate_checkpoint_on_test(d, resolved_dict, data)
+                best.update(evaluate_checkpoint_on_test(d, resolved_dict, data))  # "test", "test_<group>"
     summary = {
         "name": plan.name,
         "model": plan.model,
