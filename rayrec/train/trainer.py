@@ -162,6 +162,9 @@ class Trainer:
             progress: bool = False) -> FitResult:
         """Train until `train.epochs`, early stopping, or `on_epoch` returning True.
 
+        Without validation users there is no early stopping: the whole budget trains and
+        the final weights are kept (FitResult.selection says NO_SELECTION).
+
         `on_epoch(trainer, record)` runs after every epoch's validation, with the trainer's
         state already advanced, so it can save `trainer.state_dict()` for an exact resume.
         """
