@@ -83,6 +83,16 @@ def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10"
     return "  ".join(parts)
 
 
+def echo_tests(sections: dict[str, dict[str, float]], label: str) -> None:
+    """One line per test section: all users under `label`, then each test group the dataset declares
+    (with the number of users evaluated, when there are groups)."""
+    names = [n for n in sections if n == "test" or n.startswith("test_")]
+    for name in names:
+        metrics = sections[name]
+        users = f"  ({int(metrics.get('n_users', 0))} users)" if len(names) > 1 else ""
+        echo(f"{label if name == 'test' else name + ':':<20}{format_metrics(metrics)}{users}")
+
+
 FORMAT_HELP = "Reader for a --data path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn."
 DATA_HELP = "Named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, beauty, gowalla, lastfm) or a path/URL."
 SET_HELP = "Override a config value, e.g. --set train.lr=0.003 --set model.hidden=128 (repeatable)."
@@ -110,6 +120,7 @@ def train(
     from rayrec.models import check_model_data
     from rayrec.storage import check_writable
     from rayrec.train.run import default_output, train_run
+    from rayrec.train.trainer import NO_SELECTION
 
     output = output or default_output(cfg)
     check_writable(output, must_not_exist=True)  # before minutes of preprocessing and training
@@ -119,7 +130,7 @@ def train(
     metric = cfg.train.metric
 
     def on_epoch(trainer, record):
-        best = " *" if record.get("best_epoch") == record["epoch"] else ""
+        best = " *" if trainer.has_validation and record.get("best_epoch") == record["epoch"] else ""
         echo(
             f"epoch {record['epoch']:>3}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
             f"lr {record['lr']:.2e}  val {format_metrics(record, (metric, 'hr@10'), 'val_')}  "
@@ -129,9 +140,13 @@ def train(
     result = train_run(cfg, split, output=output, init_from=init_from, on_epoch=on_epoch,
                        progress=progress and sys.stderr.isatty())
     fit = result.fit
-    echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; best epoch {fit.best_epoch}")
-    echo(f"valid (best epoch): {format_metrics(fit.best_metrics, prefix='val_')}")
-    echo(f"test  (once):       {format_metrics(result.test_metrics)}")
+    if fit.selection == NO_SELECTION:
+        echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; selected: {NO_SELECTION}, "
+             f"kept the last epoch's weights (epoch {fit.best_epoch})")
+    else:
+        echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; best epoch {fit.best_epoch}")
+        echo(f"valid (best epoch): {format_metrics(fit.best_metrics, prefix='val_')}")
+    echo_tests(result.tests, "test  (once):       ")
     echo(f"run directory: {result.output}")
 
 
@@ -186,7 +201,7 @@ def sweep(
     if result.best:
         echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}")
         if "test" in result.best:
-            echo(f"best checkpoint on test (once): {format_metrics(result.best['test'])}")
+            echo_tests(result.best, "best checkpoint on test (once): ")
     echo(f"results: {result.experiment}  (trials.parquet, history.parquet, best.yaml, summary.yaml)")
     echo(f"reproduce: rayrec train --config {result.experiment}/best.yaml")
 
@@ -289,7 +304,7 @@ def final(
                                     train_on_valid=train_on_valid, force=force))
     if record["valid"]:
         echo(f"valid (best epoch {record['best_epoch']}): {format_metrics(record['valid'])}")
-    echo(f"test  (once{', FORCED' if record['forced'] else ''}): {format_metrics(record['test'])}")
+    echo_tests(record, f"test  (once{', FORCED' if record['forced'] else ''}): ")
     echo(f"run: {record['run']}  record: final.yaml")
 
 

@@ -76,6 +76,7 @@ class TrainConfig:
     warmup_epochs: float = 5.0  # linear warm-up, capped at 20% of `epochs` so short runs still decay
     schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    schedule_epochs: int = 0  # the schedule's horizon (warm-up cap, cosine length) in epochs; 0 = `epochs`
     grad_clip: float = 5.0  # max global gradient norm; 0 disables
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
     patience: int = 10  # early stopping: epochs without improvement of `metric` by > min_delta
@@ -102,6 +103,8 @@ class TrainConfig:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.patience < 1:
             raise UserError(f"train.patience must be >= 1, got {self.patience}")
+        if self.schedule_epochs < 0:
+            raise UserError(f"train.schedule_epochs must be >= 0 (0 = train.epochs), got {self.schedule_epochs}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise UserError(f"train.ks must be a non-empty list of positive integers, got {self.ks}")
         name, _, k = self.metric.partition("@")
@@ -113,6 +116,15 @@ class TrainConfig:
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"train.device '{self.device}' is not valid; valid: auto, cpu, cuda, cuda:N")
+
+    @property
+    def schedule_horizon(self) -> int:
+        """Epochs the lr schedule spans: `schedule_epochs`, or `epochs` when that is 0.
+
+        Separate from `epochs` so a run can stop early on purpose (`rayrec final
+        --train-on-valid` stops at the trial's best epoch) on the learning-rate path of a
+        longer run."""
+        return self.schedule_epochs or self.epochs
 
 
 @dataclass

@@ -20,3 +20,16 @@ def did_you_mean(value: str, valid) -> str:
     close = difflib.get_close_matches(str(value), valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"valid: {', '.join(valid)}{hint}"
+
+
+def first_line(exc: BaseException) -> str:
+    """'Type: first line of the message' for logs and tables; 'Type' alone for an empty message.
+
+    Ray wraps a trial's or task's exception (RayTaskError, whose text starts with the
+    worker's traceback header); the original exception, in `.cause`, is the one described.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import pyarrow.fs
 
-from rayrec.errors import UserError
+from rayrec.errors import UserError, first_line
 
 # The variables storage backends read; forwarded to trials, redacted from error messages.
 STORAGE_ENV = (
@@ -445,9 +445,7 @@ def pyarrow_filesystem(url: str):
 
 def _short(exc: BaseException) -> str:
     """First line of an exception, with storage variables' values (endpoint, keys) masked."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return redact(text)
+    return redact(first_line(exc))
 
 
 def redact(text: str) -> str:

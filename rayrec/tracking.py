@@ -315,7 +315,8 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", plan.name)[:56] + "-summary"
     summary = {f"best/{best['metric']}": best["value"], "best/trial_id": best.get("trial_id"),
                "trial_count": int(len(result.trials))}  # not "trials": that key is the table
-    summary.update({f"test/{k}": v for k, v in (best.get("test") or {}).items()})
+    for section in (s for s in best if s.startswith("test")):  # "test" and "test_<group>"
+        summary.update({f"{section}/{k}": v for k, v in (best[section] or {}).items()})
     if len(result.trials):
         summary.update({f"status/{k}": int(v) for k, v in result.trials["status"].value_counts().items()})
     searched = set(result.searched or [])
@@ -403,10 +404,10 @@ def _bounded(fn, what: str, timeout: float | None = None):
 
 
 def _first_line(exc: BaseException) -> str:
+    from rayrec.errors import first_line
     from rayrec.storage import redact
 
-    lines = str(exc).strip().splitlines()
-    return redact(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+    return redact(first_line(exc))
 
 
 # --- reading offline runs back ----------------------------------------------------------

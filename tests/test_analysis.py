@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from rayrec.cli import app
 from rayrec.errors import UserError
+from rayrec.train.trainer import lr_factor
 from rayrec.tune.analysis import (
     diagnose, export_robust, load_results, narrow_param, narrow_space, parameter_importance, pbt_lineage,
     robust_params, write_narrowing,
@@ -300,3 +301,60 @@ def test_missing_sweeps_and_spaces_are_one_line_errors(tmp_path):
     write_sweep(tmp_path, ten_trials())
     line = one_line_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
     assert "rayrec narrow hand" in line
+
+
+def test_summary_table_ranks_best_first_under_the_sweeps_mode():
+    from rayrec.tune.sweep import SweepResult, summary_table
+
+    trials = pd.DataFrame({"trial_id": ["low", "high", "mid", "nan"], "status": ["finished"] * 4, "epochs": [2] * 4,
+                           "best_val_avg_rank": [3.0, 9.0, 5.0, float("nan")], "config/train.lr": [1e-3] * 4})
+
+    def order(mode: str) -> list[str]:
+        table = summary_table(SweepResult("x", trials, None, {}, ["train.lr"], mode=mode), "avg_rank")
+        return [line.split()[0] for line in table.splitlines()[1:-1]]
+
+    assert order("min") == ["low", "mid", "high", "nan"]
+    assert order("max") == ["high", "mid", "low", "nan"]
+
+
+def test_first_line_is_the_first_line_of_the_original_exception():
+    from ray.exceptions import RayTaskError
+
+    from rayrec.errors import first_line
+
+    assert first_line(ValueError("bad value\n  detail\nlast words")) == "ValueError: bad value"
+    assert first_line(KeyError()) == "KeyError"
+    # What a failed trial or Ray task hands back: the worker's traceback around the cause.
+    wrapped = RayTaskError("train", "Traceback (most recent call last):\n  File x\nRuntimeError: boom",
+                           RuntimeError("injected failure at epoch 2\nsecond line")).as_instanceof_cause()
+    assert first_line(wrapped) == "RuntimeError: injected failure at epoch 2"
+
+
+def test_final_train_on_valid_follows_the_trials_learning_rate_path_and_reports_test_groups(tmp_path):
+    from rayrec.config import build_config
+    from rayrec.data import load_split
+    from rayrec.train.trainer import Trainer
+    from rayrec.tune.confirm import FinalOptions, run_final
+
+    # One 4-epoch trial whose validation metric peaked at epoch 2: the retrain stops there.
+    trial = config(3e-3)
+    history = pd.DataFrame({"trial_id": "t00", "epoch": [1, 2, 3, 4], "val_ndcg@10": [0.1, 0.3, 0.2, 0.25]})
+    path = write_sweep(tmp_path, [dict(value=0.3, config=trial)], history=history)
+    tiny = {"model.blocks": 1, "model.dropout": 0.1, "data.synthetic_users": 60, "data.synthetic_items": 40,
+            "data.synthetic_length": 10, "train.num_threads": 1, "train.warmup_epochs": 1.0}
+    cfg = build_config("sasrec", BASE, {**trial, **tiny})
+    with open(os.path.join(path, "best.yaml"), "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh)
+
+    data = load_split(cfg.data)
+    data.test_groups = {"first": np.arange(10)}  # a declared test group is reported beside all users
+    record = run_final(FinalOptions(sweep=path, train_on_valid=True), data=data)
+    assert record["epochs"] == 2 and record["config"]["train"]["schedule_epochs"] == 4
+    assert record["test"]["n_users"] == 60 and record["test_first"]["n_users"] == 10
+    final_lrs = pd.read_parquet(os.path.join(record["run"], "metrics.parquet"))["lr"].tolist()
+    trial_run = Trainer(cfg, data)
+    trial_run.fit(on_epoch=lambda tr, rec: rec["epoch"] == 2)  # the trial's first two epochs
+    assert len(final_lrs) == 2
+    assert final_lrs == pytest.approx([r["lr"] for r in trial_run.history], rel=1e-12)
+    # Not the path of a 2-epoch schedule (the retrain used to follow it), which ends at 0.
+    assert lr_factor(2.0, 2, 1.0, "cosine", 0.0) == 0.0 < final_lrs[-1]

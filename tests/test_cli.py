@@ -191,3 +191,26 @@ def test_every_shipped_space_has_the_workflow_stages():
         space = load_space(model, None)
         for stage in ("smoke", "quick", "medium"):
             assert space.sweep_defaults(stage)["num_samples"] >= 1
+
+
+NO_VALIDATION = ["--set", "data.split=ratio", "--set", "data.valid_ratio=0", "--set", "data.synthetic_users=100",
+                 "--set", "data.synthetic_items=50", "--set", "data.synthetic_length=10", "--set", "model.hidden=8"]
+
+
+def test_train_without_validation_users_says_it_selected_nothing(tmp_path):
+    result = run("train", "bprmf", "--epochs", 3, "--set", "train.patience=1", "--output", tmp_path / "run",
+                 "--no-progress", *NO_VALIDATION)
+    assert result.exit_code == 0, result.output
+    assert "stopped: finished after 3 epochs; selected: none (no validation users)" in result.output
+    assert "valid (best epoch)" not in result.output
+
+
+def test_sweep_without_validation_users_is_refused_before_ray_starts(tmp_path):
+    storage = tmp_path / "sweeps"
+    result = run("sweep", "bprmf", "--stage", "smoke", "--name", "nv", "--storage", storage, "--wandb", "off",
+                 *NO_VALIDATION)
+    assert_user_error(result, "no validation users", "data.valid_ratio")
+    assert not (storage / "nv").exists()
+    import ray
+
+    assert not ray.is_initialized()

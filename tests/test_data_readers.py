@@ -188,6 +188,45 @@ def test_gsasrec_folder_builds_leave_one_out(tmp_path):
         load_split(DataConfig(name=str(folder), split="ratio", cache_dir=str(tmp_path / "c")))
 
 
+def test_gsasrec_reports_test_metrics_on_users_with_complete_test_input(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from rayrec.cli import app
+
+    folder = tmp_path / "g"
+    folder.mkdir()
+    write(folder / "train_input.txt", "1 2 3\n1 2\n1 4\n2 4\n")
+    write(folder / "val_input.txt", "1 2 3\n")  # user 1 is the only validation user
+    write(folder / "val_output.txt", "5\n")
+    write(folder / "test_output.txt", "4\n6\n2\n1\n")
+    cache = str(tmp_path / "c")
+    split = load_split(DataConfig(name=str(folder), cache_dir=cache))
+    assert split.test_groups["complete"].tolist() == [1]
+    assert load_split(DataConfig(name=str(folder), cache_dir=cache)).test_groups["complete"].tolist() == [1]  # cached
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "pop", "--data", str(folder), "--output", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "test_complete:" in result.output and "(1 users)" in result.output
+    summary = yaml.safe_load((out / "summary.yaml").read_text())
+    # Popularity (training counts 1:3 2:3 3:2 4:2 5:0 6:0) ranks every user's target first,
+    # except user 1's: with 1, 2, 3 and 5 seen, item 6 comes second, after item 4.
+    second = 1 / np.log2(3)
+    assert summary["test_complete"]["n_users"] == 1
+    assert summary["test_complete"]["ndcg@10"] == pytest.approx(second)
+    assert summary["test_complete"]["mrr@10"] == pytest.approx(0.5)
+    assert summary["test"]["n_users"] == 4 and summary["test"]["ndcg@10"] == pytest.approx((3 + second) / 4)
+    # Datasets that declare no group report all users only.
+    plain = tmp_path / "plain"
+    seqs = write(tmp_path / "seqs.txt", "".join(f"{u} " + " ".join(str(1 + (u + i) % 7) for i in range(6)) + "\n"
+                                               for u in range(1, 9)))
+    result = CliRunner().invoke(app, ["train", "pop", "--data", seqs, "--format", "sequences", "--output", str(plain),
+                                      "--no-progress", "--set", "data.user_core=0", "--set", "data.item_core=0"])
+    assert result.exit_code == 0, result.output
+    assert not [k for k in yaml.safe_load((plain / "summary.yaml").read_text()) if k.startswith("test_")]
+
+
 # --- the real shared files (skipped where the folder is absent) ------------------------
 
 
@@ -209,6 +248,7 @@ def test_real_ml1m_gsasrec(tmp_path):
     split = load_split(DataConfig(name="ml-1m-gsasrec", cache_dir=str(tmp_path)))
     assert (split.n_users, split.n_items) == (6040, 3416)
     assert len(split.eval_users("valid")) == 512 and len(split.eval_users("test")) == 6040
+    assert split.test_groups["complete"].tolist() == split.eval_users("valid").tolist()  # complete test input
     # README: 994,083 of ML-1M's interactions are recoverable from the files.
     assert split.info["n_interactions"] == 994_083
 

@@ -143,3 +143,32 @@ def test_sasrec_beats_popularity_twice_on_synthetic():
     pop.fit()
     s, p = trainer.test()["ndcg@10"], pop.test()["ndcg@10"]
     assert s >= 2 * p, (s, p)
+
+
+def test_run_without_validation_users_trains_its_whole_budget_and_keeps_the_last_weights(tmp_path):
+    import torch
+    import yaml
+
+    from rayrec.train.run import train_run
+    from rayrec.train.trainer import NO_SELECTION
+
+    full = planted()
+    no_valid = SplitData("planted", full.n_users, full.n_items, full.train, CSR.from_lists([[]] * full.n_users),
+                         full.test, True, "fp")
+    cfg = build_config("sasrec", overrides={"train.epochs": 5, "train.patience": 2, "model.hidden": 16,
+                                            "model.blocks": 1, "model.max_len": 12, "train.num_threads": 1})
+    seen = {}
+    run = train_run(cfg, no_valid, output=str(tmp_path / "run"),
+                    on_epoch=lambda tr, rec: seen.update(trainer=tr, last=tr._weights()))
+    fit = run.fit
+    assert fit.epochs_run == 5 and [r["epoch"] for r in fit.history] == [1, 2, 3, 4, 5]  # patience 2 never stops it
+    assert fit.stop_reason == "finished" and fit.best_epoch == 5
+    assert fit.selection == NO_SELECTION and fit.best_metrics == {}
+    assert all(math.isnan(r["val_ndcg@10"]) for r in fit.history)
+    # The model keeps the final epoch's weights (test is evaluated on them).
+    kept = seen["trainer"].model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in seen["last"].items())
+    summary = yaml.safe_load(open(tmp_path / "run" / "summary.yaml"))
+    assert summary["selection"] == "none (no validation users)" and summary["best_epoch"] == 5
+    assert summary["epochs_run"] == 5 and summary["valid"] == {}
+    assert math.isfinite(summary["test"]["ndcg@10"])

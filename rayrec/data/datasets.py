@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # Bump when a change to reading, preprocessing or splitting changes the result for the
 # same inputs, so stale caches are not reused.
 PIPELINE_VERSION = 1
+GSASREC_VERSION = 2  # the gsasrec reader's own: 2 declares the 'complete' test group
 
 
 @dataclass
@@ -128,6 +129,10 @@ def gsasrec_source(directory: str, name: str | None = None) -> Source:
     exactly the gSASRec validation input, and the test history train + b is the user's
     sequence without its last item; for the others train is train_input and they have no
     validation target. Items keep their ids (1..3416 for ML-1M); no k-core is applied.
+
+    Only the validation users' test input (train + b) is the complete sequence before the
+    test target; the others miss their second-to-last item. They form the test group
+    'complete', whose test metrics are reported beside all users' (`test_complete`).
     """
     base = directory.rstrip("/")
     blobs = {f: readers.read_bytes(f"{base}/{f}") for f in GSASREC_FILES}
@@ -151,7 +156,8 @@ def gsasrec_source(directory: str, name: str | None = None) -> Source:
             valid_rows[user] = val_output
         train, valid, test = CSR.from_lists(train_rows), CSR.from_lists(valid_rows), CSR.from_lists(test_outputs)
         n_items = int(max(train.items.max(initial=0), valid.items.max(initial=0), test.items.max(initial=0)))
-        n_valid_users = int((valid.lengths() > 0).sum())
+        complete = np.flatnonzero(valid.lengths() > 0)  # the validation users
+        n_valid_users = len(complete)
         info = {
             "counts": {"read": train.nnz + valid.nnz + test.nnz},
             "split": {
@@ -161,10 +167,12 @@ def gsasrec_source(directory: str, name: str | None = None) -> Source:
                 "users_without_test": int((test.lengths() == 0).sum()),
                 "users_without_train": int((train.lengths() == 0).sum()),
             },
+            "test_groups": {"complete": "users whose test input is complete (the validation users)"},
         }
-        return SplitData(name or base, n_users, n_items, train, valid, test, True, "", info)
+        return SplitData(name or base, n_users, n_items, train, valid, test, True, "", info,
+                         test_groups={"complete": complete})
 
-    identity = {"kind": "gsasrec", **{f: sha256_bytes(b) for f, b in blobs.items()}}
+    identity = {"kind": "gsasrec", "version": GSASREC_VERSION, **{f: sha256_bytes(b) for f, b in blobs.items()}}
     return Source(name=name or base, location=base, format="gsasrec", identity=identity, read_split=read_split)
 
 
@@ -444,6 +452,7 @@ def write_cached_split(cache: Path, split: SplitData) -> Path:
             "ordered": split.ordered,
             "fingerprint": split.fingerprint,
             "info": split.info,
+            "test_groups": {name: users.tolist() for name, users in split.test_groups.items()},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         try:
@@ -485,6 +494,7 @@ def read_cached_split(cache: Path, fp: str) -> SplitData | None:
         ordered=meta["ordered"],
         fingerprint=meta["fingerprint"],
         info=meta["info"],
+        test_groups={name: np.asarray(users, dtype=np.int64) for name, users in meta.get("test_groups", {}).items()},
         **parts,
     )
 

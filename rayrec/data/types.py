@@ -78,6 +78,9 @@ class SplitData:
     ordered: bool  # True when rows are in time order, which sequential models require
     fingerprint: str  # hash of source content + preprocessing + split parameters
     info: dict[str, Any] = field(default_factory=dict)  # source, counts, 'synthetic': True, ...
+    # Named subsets of the test users whose test metrics are reported beside all users' (as
+    # 'test_<name>'), e.g. gsasrec's {'complete': users whose test input is complete}: name -> user ids.
+    test_groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def history(self, split: Literal["valid", "test"]) -> CSR:
         """What a model may see when predicting `split`: train for valid, train + valid for test."""

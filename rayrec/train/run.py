@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 class RunResult:
     output: str
     fit: FitResult
-    test_metrics: dict[str, float]
+    tests: dict[str, dict[str, float]]  # Trainer.test_report(): 'test' (all users), 'test_<group>' ...
     config: Config
+
+    @property
+    def test_metrics(self) -> dict[str, float]:
+        """Test metrics on all users."""
+        return self.tests["test"]
 
 
 def checkpoint_payload(trainer: Trainer, fit: FitResult) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def train_run(
     if init_from:
         init_from_checkpoint(trainer, init_from)
     fit = trainer.fit(on_epoch=on_epoch, progress=progress)
-    test = trainer.test()
+    tests = trainer.test_report()
     with tempfile.TemporaryDirectory(prefix="rayrec-run-") as tmp:
         write_yaml(os.path.join(tmp, "config.yaml"), cfg.to_dict())
         write_parquet(os.path.join(tmp, "metrics.parquet"), fit.history)
@@ -142,13 +147,19 @@ def train_run(
             "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run,
             "stop_reason": fit.stop_reason,
+            "selection": fit.selection,
             "valid": {k.removeprefix("val_"): float(v) for k, v in fit.best_metrics.items()},
-            "test": {k: float(v) for k, v in test.items()},
+            **plain_sections(tests),
             "rayrec_version": rayrec.__version__,
         }
         write_yaml(os.path.join(tmp, "summary.yaml"), summary)
         publish_dir(tmp, output)
-    return RunResult(output=output, fit=fit, test_metrics=test, config=cfg)
+    return RunResult(output=output, fit=fit, tests=tests, config=cfg)
+
+
+def plain_sections(tests: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Test sections as plain floats, for YAML records."""
+    return {section: {k: float(v) for k, v in metrics.items()} for section, metrics in tests.items()}
 
 
 def config_from_checkpoint(url: str) -> Config:

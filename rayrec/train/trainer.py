@@ -34,6 +34,7 @@ from rayrec.train.evaluate import batch_to_device, evaluate, evaluate_on_train
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+NO_SELECTION = "none (no validation users)"  # FitResult.selection of a run without validation users
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -48,7 +49,8 @@ def resolve_device(requested: str) -> torch.device:
 def lr_factor(progress: float, epochs: int, warmup_epochs: float, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr at `progress` epochs (fractional): linear warm-up, then cosine or constant.
 
-    Warm-up is capped at 20% of the run so that a short run still spends most steps decaying.
+    `epochs` is the schedule's horizon (TrainConfig.schedule_horizon). Warm-up is capped at 20%
+    of it so that a short run still spends most steps decaying.
     """
     warm = min(warmup_epochs, 0.2 * epochs)
     if warm > 0 and progress < warm:
@@ -90,6 +92,10 @@ class FitResult:
     last_metrics: dict[str, float]
     epochs_run: int
     stop_reason: str  # 'early_stopped' | 'finished' | 'stopped'
+    # How best_epoch was chosen: 'best val_<metric>', or NO_SELECTION when the data has no
+    # validation users (every epoch of the budget trained, best_epoch = the last one, its
+    # weights kept, best_metrics empty).
+    selection: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -110,6 +116,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch = 0  # epochs completed
         self.stopper = EarlyStopping(tc.patience, tc.min_delta)
+        # Without validation users every validation metric is NaN: nothing to select or stop on.
+        self.has_validation = len(data.eval_users("valid")) > 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
         self.stop_reason = ""
@@ -154,6 +162,9 @@ class Trainer:
             progress: bool = False) -> FitResult:
         """Train until `train.epochs`, early stopping, or `on_epoch` returning True.
 
+        Without validation users there is no early stopping: the whole budget trains and
+        the final weights are kept (FitResult.selection says NO_SELECTION).
+
         `on_epoch(trainer, record)` runs after every epoch's validation, with the trainer's
         state already advanced, so it can save `trainer.state_dict()` for an exact resume.
         """
@@ -164,7 +175,7 @@ class Trainer:
             start = time.perf_counter()
             record = self._record(self.epoch, float("nan"), 0.0, start)
             self.epoch += 1
-            self.stopper.update(record[f"val_{tc.metric}"], self.epoch)
+            self._track_best(record)
             self.best_state = self._weights()
             self.stop_reason = "finished"
             if on_epoch is not None:
@@ -175,7 +186,7 @@ class Trainer:
             loss, lr = self.train_epoch(self.epoch, progress=progress)
             record = self._record(self.epoch, loss, lr, start)
             self.epoch += 1
-            if self.stopper.update(record[f"val_{tc.metric}"], self.epoch):
+            if self._track_best(record):
                 self.best_state = self._weights()
             record["best_epoch"] = self.stopper.best_epoch
             if self.stopper.should_stop:
@@ -189,6 +200,17 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self._result()
+
+    def _track_best(self, record: dict[str, Any]) -> bool:
+        """Early-stopping bookkeeping for the epoch just ended; True when it is the new best.
+
+        Without validation users nothing is selected: the latest epoch stands as best_epoch,
+        patience never runs out (the whole budget trains) and fit keeps the final weights.
+        """
+        if not self.has_validation:
+            self.stopper.best_epoch = self.epoch
+            return False
+        return self.stopper.update(record[f"val_{self.cfg.train.metric}"], self.epoch)
 
     @property
     def finished(self) -> bool:
@@ -212,7 +234,8 @@ class Trainer:
         total, lr = 0.0, tc.lr
         bar = _progress(len(batches), f"epoch {epoch + 1}") if progress else None
         for i, batch in enumerate(batches):
-            lr = tc.lr * lr_factor(epoch + (i + 1) / len(batches), tc.epochs, tc.warmup_epochs, tc.schedule, tc.min_lr_ratio)
+            lr = tc.lr * lr_factor(epoch + (i + 1) / len(batches), tc.schedule_horizon, tc.warmup_epochs,
+                                   tc.schedule, tc.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss = self._step(batch_to_device(batch, self.device))
@@ -262,25 +285,36 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def evaluate(self, split: str = "valid") -> dict[str, float]:
+    def evaluate(self, split: str = "valid", users: np.ndarray | None = None) -> dict[str, float]:
+        """Metrics of the current weights on `split`, over `users` (default: all with a target)."""
         tc = self.cfg.train
         return evaluate(
             self.model, self.data, split, tc.ks, self.device, batch_size=tc.eval_batch_size,
-            sampled_negatives=tc.sampled_negatives, seed=tc.seed,
+            sampled_negatives=tc.sampled_negatives, seed=tc.seed, users=users,
         )
 
     def test(self) -> dict[str, float]:
-        """Test metrics of the current (best, after fit) weights. Call once per run."""
+        """Test metrics of the current (best, after fit) weights on all users."""
         return self.evaluate("test")
+
+    def test_report(self) -> dict[str, dict[str, float]]:
+        """The run's test evaluation, by section: 'test' (all users) and 'test_<group>' for each
+        group of test users the dataset declares (SplitData.test_groups). Call once per run."""
+        report = {"test": self.test()}
+        for name, users in self.data.test_groups.items():
+            report[f"test_{name}"] = self.evaluate("test", users=users)
+        return report
 
     def _result(self) -> FitResult:
         best = next((r for r in self.history if r["epoch"] == self.stopper.best_epoch), self.history[-1] if self.history else {})
+        selected = self.has_validation
         return FitResult(
             best_epoch=self.stopper.best_epoch,
-            best_metrics={k: v for k, v in best.items() if k.startswith("val_")},
+            best_metrics={k: v for k, v in best.items() if k.startswith("val_")} if selected else {},
             last_metrics=dict(self.history[-1]) if self.history else {},
             epochs_run=self.epoch,
             stop_reason=self.stop_reason or "finished",
+            selection=f"best val_{self.cfg.train.metric}" if selected else NO_SELECTION,
             history=list(self.history),
         )
 

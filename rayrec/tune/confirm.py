@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rayrec.errors import UserError
+from rayrec.errors import UserError, first_line
 from rayrec.tune.analysis import (
     ROBUST_FILE, SweepResults, best_epochs, export_robust, load_results, plain, require_completed,
     robust_config, trial_overrides,
@@ -137,7 +137,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
             log.info("confirm %s seed %d: %s %.4f (best epoch %d)", cand.name, seed, metric_col,
                      row.get(metric_col, float("nan")), row.get("best_epoch", 0))
         except ray.exceptions.RayError as exc:
-            row.update({metric_col: float("nan"), "error": str(exc).strip().splitlines()[-1][:300]})
+            row.update({metric_col: float("nan"), "error": first_line(exc)[:300]})
             log.warning("confirm %s seed %d failed: %s", cand.name, seed, row["error"])
         rows.append(row)
     order = {c.name: i for i, c in enumerate(cands)}
@@ -238,7 +238,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
     """Retrain the chosen config, evaluate on test once, and record it in final.yaml."""
     from rayrec.config import build_config
     from rayrec.storage import exists, read_yaml, write_yaml
-    from rayrec.train.run import train_run
+    from rayrec.train.run import plain_sections, train_run
 
     if opts.config not in ("best", "robust"):
         raise UserError(f"--config '{opts.config}' is not valid; valid: best, robust")
@@ -272,11 +272,13 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         data = load_split(cfg.data)
     if opts.train_on_valid:
         # No validation set is left for early stopping: train for the epoch count the tuning
-        # run's best epoch indicated (median over the trials the config came from).
+        # run's best epoch indicated (median over the trials the config came from), on the
+        # trial's learning-rate path: its schedule horizon stays, only the run stops sooner.
         found = sorted(best_epochs(results, source_trials))
         epochs = found[len(found) // 2] if found else cfg.train.epochs
         epochs = max(1, int(epochs))
-        cfg = build_config(base=cfg.to_dict(), overrides={"train.epochs": epochs, "train.patience": epochs + 1})
+        cfg = build_config(base=cfg.to_dict(), overrides={
+            "train.epochs": epochs, "train.schedule_epochs": cfg.train.schedule_horizon})
         data = with_validation_in_train(data)
     output = _unused_run_dir(results)
     start = time.perf_counter()
@@ -290,7 +292,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         "epochs": epochs if epochs is not None else int(run.fit.epochs_run),
         "best_epoch": int(run.fit.best_epoch) if not opts.train_on_valid else None,
         "valid": None if opts.train_on_valid else {k.removeprefix("val_"): float(v) for k, v in run.fit.best_metrics.items()},
-        "test": {k: float(v) for k, v in run.test_metrics.items()},
+        **plain_sections(run.tests),  # 'test' (all users), 'test_<group>' for the dataset's test groups
         "metric": results.metric,
         "run": output,
         "seconds": round(time.perf_counter() - start, 1),
@@ -311,16 +313,15 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
 def with_validation_in_train(data):
     """The split with each user's validation items appended to their training items and no
     validation targets left (test keeps its own; test-time masking then covers train + valid)."""
+    import dataclasses
+
     import numpy as np
 
-    from rayrec.data.types import CSR, SplitData
+    from rayrec.data.types import CSR
 
     empty = CSR(np.zeros(data.n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    return SplitData(
-        name=data.name, n_users=data.n_users, n_items=data.n_items, train=data.train.concat(data.valid),
-        valid=empty, test=data.test, ordered=data.ordered, fingerprint=data.fingerprint,
-        info={**data.info, "train_on_valid": True},
-    )
+    return dataclasses.replace(data, train=data.train.concat(data.valid), valid=empty,
+                               info={**data.info, "train_on_valid": True})
 
 
 def _unused_run_dir(results: SweepResults) -> str:

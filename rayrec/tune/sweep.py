@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rayrec.config import build_config, flatten, load_yaml, parse_overrides, unflatten
-from rayrec.errors import UserError, did_you_mean
+from rayrec.errors import UserError, did_you_mean, first_line
 from rayrec.tune.space import SCHEDULERS, SEARCHES, SearchSpace, diff_spaces, load_space, parse_space
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class SweepResult:
     history: Any
     best: dict[str, Any]
     searched: list[str] | None = None  # the space's parameter keys (for the summary table)
+    mode: str = "max"  # the sweep's mode: the summary table ranks the best trial first under it
 
 
 # --- planning (no Ray) ------------------------------------------------------------------
@@ -270,6 +271,7 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
     if data is None:
         data = load_split(cfg.data)
     check_model_data(plan.model, data)  # e.g. a sequential model on unordered data: refuse before Ray starts
+    require_validation(data, plan.settings["metric"])
     log.info(data.summary())
     connect_ray(opts.address, opts.verbose)
     check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
@@ -281,6 +283,16 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
 
     log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
     return result
+
+
+def require_validation(data, metric: str) -> None:
+    """Trials are ranked, pruned and early-stopped on validation metrics: refuse data without validation users."""
+    if len(data.eval_users("valid")) == 0:
+        raise UserError(
+            f"dataset '{data.name}' has no validation users, so a sweep cannot rank trials on val_{metric}; "
+            "give it a validation split (e.g. --set data.valid_ratio=0.1 with a ratio or temporal split), "
+            "or train one config without selection with `rayrec train`"
+        )
 
 
 def spec_record(plan: Plan, data) -> dict[str, Any]:
@@ -503,7 +515,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             "epochs": int(last.get("epoch", 0) or 0),
             f"best_{metric}": best,
             f"last_{metric}": last.get(metric, float("nan")),
-            "error": _first_line(result.error),
+            "error": first_line(result.error)[:300] if result.error is not None else "",
             # Starts from a checkpoint: retries after a failure, sweep resumes, PBT exploits.
             "restores": int((frame["restored_epoch"] > 0).sum()) if frame is not None and "restored_epoch" in frame else 0,
             **{f"config/{k}": v for k, v in sampled.items()},
@@ -540,7 +552,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
             best["checkpoint"] = to_url(plan.storage, best_result.checkpoint.path)
         if plan.options.evaluate_test and best_result.checkpoint is not None:
             with best_result.checkpoint.as_directory() as d:
-                best["test"] = evaluate_checkpoint_on_test(d, resolved_dict, data)
+                best.update(evaluate_checkpoint_on_test(d, resolved_dict, data))  # "test", "test_<group>"
     summary = {
         "name": plan.name,
         "model": plan.model,
@@ -556,7 +568,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
     }
     write_yaml(join(plan.experiment, "summary.yaml"), summary)
     return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best,
-                       searched=list(plan.space.params))
+                       searched=list(plan.space.params), mode=s["mode"])
 
 
 def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
@@ -610,19 +622,13 @@ def _finite(v) -> bool:
         return False
 
 
-def _first_line(error) -> str:
-    if error is None:
-        return ""
-    text = str(error).strip().splitlines()
-    return text[-1][:300] if text else type(error).__name__
-
-
 def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
+    """The `top` trials, best first under the sweep's mode, then the status counts."""
     trials = result.trials
     if not len(trials):
         return "no trials"
     col = f"best_val_{metric}"
-    ordered = trials.sort_values(col, ascending=False, na_position="last").head(top)
+    ordered = trials.sort_values(col, ascending=result.mode == "min", na_position="last").head(top)
     searched = set(result.searched) if result.searched is not None else None
     cfg_cols = [c for c in ordered.columns if c.startswith("config/") and (searched is None or c[7:] in searched)]
     header = f"{'trial':<14}{'status':<14}{'epochs':>6}  {metric:>10}  " + "  ".join(c.split('/', 1)[1] for c in cfg_cols)

@@ -245,8 +245,9 @@ def _scalar(v: Any) -> Any:
     return v
 
 
-def evaluate_checkpoint_on_test(checkpoint_dir: str, resolved: dict[str, Any], data: SplitData) -> dict[str, float]:
-    """Load a trial's checkpoint (its best weights) and evaluate on test, once, after the sweep."""
+def evaluate_checkpoint_on_test(checkpoint_dir: str, resolved: dict[str, Any], data: SplitData) -> dict[str, dict[str, float]]:
+    """Load a trial's checkpoint (its best weights) and evaluate on test, once, after the sweep
+    (Trainer.test_report: 'test' on all users, 'test_<group>' on the dataset's test groups)."""
     from rayrec.config import config_from_dict
 
     cfg = config_from_dict(resolved)
@@ -255,7 +256,7 @@ def evaluate_checkpoint_on_test(checkpoint_dir: str, resolved: dict[str, Any], d
     trainer.load_state_dict(state)
     if trainer.best_state:
         trainer.model.load_state_dict(trainer.best_state)
-    return trainer.test()
+    return trainer.test_report()
 
 
 def state_digest(path: str) -> str:
