@@ -66,19 +66,25 @@ class DataConfig:
 class TrainConfig:
     """The one trainer's settings: the same for `rayrec train` and every sweep trial."""
 
-    epochs: int = 30  # maximum epochs; early stopping may end sooner
+    # The recipe that converges (README, Recipes): a cap that early stopping ends, a constant
+    # lr after a one-epoch warm-up (the published sequential recipes: constant 1e-3, up to
+    # 100-200 epochs, patience 10-20), so nothing decays to zero before early stopping acts.
+    epochs: int = 200  # maximum epochs; early stopping normally ends the run sooner
     batch_size: int = 128  # sequences (sequential models) or (user, item) pairs (graph models) per step
     # Sequential models: sort rows by length within shuffled chunks of this many batches, so
     # a batch computes little padding (every row is still visited once per epoch); 1 = off.
     bucket_batches: int = 8
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_epochs: float = 5.0  # linear warm-up, capped at 20% of `epochs` so short runs still decay
-    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
+    warmup_epochs: float = 1.0  # linear warm-up, capped at 20% of the schedule's horizon
+    schedule: Literal["cosine", "constant"] = "constant"  # after warm-up; cosine decays to min_lr_ratio over the horizon
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     schedule_epochs: int = 0  # the schedule's horizon (warm-up cap, cosine length) in epochs; 0 = `epochs`
     grad_clip: float = 5.0  # max global gradient norm; 0 disables
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported); ignored on CPU
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
+    # bf16 autocast on CPU (softmax and loss stay fp32). Off by default: it pays only on CPUs
+    # with native bf16 (avx512_bf16, AMX), and its quality is not yet checked (docs/benchmarks.md).
+    cpu_amp: bool = False
     patience: int = 10  # early stopping: epochs without improvement of `metric` by > min_delta
     min_delta: float = 0.0
     metric: str = "ndcg@10"  # validation metric for early stopping and model selection

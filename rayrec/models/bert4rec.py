@@ -106,5 +106,5 @@ class BERT4Rec(RecModel):
 
 SPEC = ModelSpec(
     name="bert4rec", kind="sequential", config_cls=BERT4RecConfig, model_cls=BERT4Rec,
-    train_defaults={"grad_clip": 5.0},
+    train_defaults={"grad_clip": 5.0, "patience": 20},  # anchors: BERT4Rec converges near epoch 200, patience 20
 )

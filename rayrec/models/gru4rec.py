@@ -83,5 +83,5 @@ class GRU4Rec(NextItemModel):
 
 SPEC = ModelSpec(
     name="gru4rec", kind="sequential", config_cls=GRU4RecConfig, model_cls=GRU4Rec,
-    train_defaults={"grad_clip": 5.0},
+    train_defaults={"grad_clip": 5.0, "patience": 10},
 )

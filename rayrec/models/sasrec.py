@@ -81,5 +81,5 @@ class SASRec(NextItemModel):
 
 SPEC = ModelSpec(
     name="sasrec", kind="sequential", config_cls=SASRecConfig, model_cls=SASRec,
-    train_defaults={"grad_clip": 5.0},
+    train_defaults={"grad_clip": 5.0, "patience": 10},  # SASRec+: patience 10
 )

@@ -136,7 +136,14 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.cfg.train.lr)
 
     def _amp_dtype(self) -> torch.dtype | None:
-        if not self.cfg.train.amp or self.device.type != "cuda":
+        tc = self.cfg.train
+        if self.device.type == "cpu":
+            if not tc.cpu_amp:
+                return None
+            if not cpu_has_native_bf16():
+                log.warning("train.cpu_amp: this CPU has no native bf16 (avx512_bf16/AMX); bf16 runs emulated and slower")
+            return torch.bfloat16
+        if not tc.amp or self.device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -380,6 +387,14 @@ def load_state(path: str, device: torch.device | str = "cpu") -> dict[str, Any]:
             return torch.load(fh, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN can run bf16 matrix products natively here (avx512_bf16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
