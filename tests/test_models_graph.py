@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from rayrec.config import DataConfig, build_config
 from rayrec.data.datasets import shared_data_dir
@@ -18,7 +19,7 @@ from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
 from rayrec.models.bprmf import BPRMF, BPRMFConfig
-from rayrec.models.lightgcn import LightGCN, LightGCNConfig, normalized_adjacency
+from rayrec.models.lightgcn import LightGCN, LightGCNConfig, column_subset, normalized_adjacency, row_subset
 
 GRAPH_MODELS = [(LightGCN, LightGCNConfig), (BPRMF, BPRMFConfig)]
 
@@ -121,19 +122,23 @@ def test_adjacency_lives_in_buffers_outside_the_state_dict():
 
 def test_every_training_step_propagates_again():
     """The stale-embedding guard (field-lessons §4): consecutive batches, with an optimiser
-    step between them, are scored with freshly propagated embeddings."""
+    step between them, are scored with embeddings propagated from the current weights."""
     data = planted()
     torch.manual_seed(0)
     model = LightGCN(LightGCNConfig(hidden=8), data)
     seen = []
-    propagate = model.final_embeddings
+    batch_embeddings = model.batch_embeddings
 
-    def recording():
-        users, items = propagate()
-        seen.append(torch.cat([users, items]).detach().clone())
-        return users, items
+    def recording(users, items):
+        out = batch_embeddings(users, items)
+        with torch.no_grad():
+            fresh_users, fresh_items = model.final_embeddings()  # a full propagation of the current weights
+        torch.testing.assert_close(out[0].detach(), fresh_users[users])
+        torch.testing.assert_close(out[1].detach(), fresh_items[items])
+        seen.append(torch.cat([fresh_users, fresh_items]))
+        return out
 
-    model.final_embeddings = recording
+    model.batch_embeddings = recording
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     batches = [tensors(b) for b in model.train_batches(data, 32, np.random.default_rng(0))][:2]
     for batch in batches:
@@ -142,8 +147,42 @@ def test_every_training_step_propagates_again():
         opt.step()
     assert len(seen) == 2, "loss() must propagate once per call"
     assert not torch.allclose(seen[0], seen[1]), "the second batch saw embeddings from before the step"
-    del model.final_embeddings
+    del model.batch_embeddings
     assert not torch.allclose(seen[1], torch.cat(model.final_embeddings()).detach())  # the 2nd step moved them
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("negatives", [1, 3])
+def test_batch_propagation_equals_indexing_the_full_propagation(layers, negatives):
+    """The training path (PropagateRows: last layer on the batch's nodes only, Horner backward)
+    gives the loss and gradients of indexing final_embeddings(), duplicates in the batch included."""
+    data = planted()
+    torch.manual_seed(0)
+    model = LightGCN(LightGCNConfig(hidden=8, layers=layers, negatives=negatives, reg=1e-2), data).double()
+    batch = first_batch(model, data, batch_size=24)
+    batch["users"][1] = batch["users"][0]  # a repeated user and a repeated item
+    batch["neg"][0, 0] = batch["pos"][0]
+    model.loss(batch).backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    users, pos, neg = batch["users"], batch["pos"] - 1, batch["neg"] - 1
+    user_final, item_final = model.final_embeddings()
+    u = user_final[users]
+    neg_score, pos_score = torch.einsum("bc,bkc->bk", u, item_final[neg]), (u * item_final[pos]).sum(-1)
+    bpr = F.softplus(neg_score.float() - pos_score.float()[:, None]).mean()  # the model's loss is float32
+    ego = model.user_emb(users).pow(2).sum() + model.item_emb(pos).pow(2).sum() + model.item_emb(neg).pow(2).sum() / negatives
+    (bpr + 1e-2 * (0.5 * ego / len(users)).float()).backward()
+    for got, want in zip(fast, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+
+
+def test_row_and_column_subsets_of_the_adjacency():
+    adj = normalized_adjacency(CSR.from_lists([[1, 2], [2, 3], [3]]), n_users=3, n_items=3)
+    crow, col, values = adj.crow_indices(), adj.col_indices(), adj.values()
+    rows = torch.tensor([0, 4, 5])
+    torch.testing.assert_close(row_subset(crow, col, values, rows).to_dense(), adj.to_dense()[rows])
+    torch.testing.assert_close(column_subset(crow, col, values, rows).to_dense(), adj.to_dense()[:, rows])
 
 
 def test_scoring_propagates_once_per_evaluation_phase():
@@ -170,7 +209,7 @@ def test_scoring_propagates_once_per_evaluation_phase():
     model.eval()
     with torch.no_grad():
         after = model.score(users)
-    assert len(calls) == 3  # one in loss(), one for the new evaluation phase
+    assert len(calls) == 2  # one more for the new evaluation phase (loss() propagates only its batch)
     assert not torch.allclose(before, after), "evaluation reused embeddings from before training"
 
 
