@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from rayrec.config import DataConfig, build_config
+from rayrec.data.batches import ItemExclusion, pair_batches, sample_negatives
 from rayrec.data.datasets import shared_data_dir
 from rayrec.data.lightgcn_format import carve_validation, load_lightgcn_dir
 from rayrec.data.types import CSR, SplitData
@@ -222,6 +223,58 @@ def test_loading_weights_in_eval_mode_drops_the_cache():
         model.score(users)
         model.load_state_dict(other.state_dict())
         torch.testing.assert_close(model.score(users), other.score(users))
+
+
+# --- negative sampling -------------------------------------------------------------------
+
+def test_negatives_exclude_each_users_positives():
+    # Dense rows make collisions common: user 0 has 7 of 8 items, user 2 has every item.
+    train = CSR.from_lists([[1, 2, 3, 4, 5, 6, 7], [2, 2, 4], list(range(1, 9)), []])
+    exclude = ItemExclusion(train, n_items=8)
+    users = np.repeat(np.arange(4), 500)
+    neg = sample_negatives(np.random.default_rng(0), 8, (len(users), 3), users=users, exclude=exclude)
+    assert neg.shape == (2000, 3) and neg.dtype == np.int64 and neg.min() >= 1 and neg.max() <= 8
+    assert np.all(neg[users == 0] == 8)  # the one item user 0 has not seen
+    assert not np.isin(neg[users == 1], [2, 4]).any()
+    # Uniform over the allowed items (6 for user 1, 8 for user 3): each about 1/6 and 1/8 of 1500 draws.
+    np.testing.assert_allclose(np.bincount(neg[users == 1].ravel(), minlength=9)[[1, 3, 5, 6, 7, 8]] / 1500, 1 / 6, atol=0.04)
+    np.testing.assert_allclose(np.bincount(neg[users == 3].ravel(), minlength=9)[1:] / 1500, 1 / 8, atol=0.04)
+    # User 2 has nothing left to draw: the plain draw is kept instead of looping forever.
+    assert neg[users == 2].min() >= 1
+
+
+def test_negative_sampling_is_reproducible_by_seed():
+    train = CSR.from_lists([[1, 2, 3], [3, 4], [1, 5, 6, 7]])
+    exclude = ItemExclusion(train, n_items=8)
+    users = np.array([0, 1, 2, 0, 2])
+    draw = lambda seed: sample_negatives(np.random.default_rng(seed), 8, (5, 4), users=users, exclude=exclude)  # noqa: E731
+    np.testing.assert_array_equal(draw(3), draw(3))
+    assert not np.array_equal(draw(3), draw(4))
+    assert not exclude.contains(np.repeat(users, 4), draw(3).ravel()).any()
+
+
+def test_weighted_negatives_exclude_positives_and_fail_clearly_when_impossible():
+    train = CSR.from_lists([[1, 2], [3]])
+    weights = np.array([0.0, 1.0, 1.0, 0.0, 2.0])  # column 0 is padding; item 3 never drawn
+    exclude = ItemExclusion(train, n_items=4)
+    neg = sample_negatives(np.random.default_rng(0), 4, (2, 50), weights=weights, users=np.array([0, 1]), exclude=exclude)
+    assert set(neg[0]) == {4} and set(neg[1]) <= {1, 2, 4}
+    with pytest.raises(ValueError, match="no allowed item"):
+        sample_negatives(np.random.default_rng(0), 4, (1, 5), weights=np.array([0.0, 1.0, 1.0, 0.0, 0.0]),
+                         users=np.array([0]), exclude=exclude, max_rounds=50)
+
+
+def test_pair_batches_visit_every_edge_once_with_allowed_negatives():
+    data = planted()
+    batches = list(pair_batches(data.train, data.n_items, 10, np.random.default_rng(0), n_negatives=2))
+    users = np.concatenate([b["users"] for b in batches])
+    pos = np.concatenate([b["pos"] for b in batches])
+    neg = np.concatenate([b["neg"] for b in batches])
+    edges = sorted(zip(data.train.rows().tolist(), data.train.items.tolist()))
+    assert sorted(zip(users.tolist(), pos.tolist())) == edges
+    assert not ItemExclusion(data.train, data.n_items).contains(np.repeat(users, 2), neg.ravel()).any()
+    again = list(pair_batches(data.train, data.n_items, 10, np.random.default_rng(0), n_negatives=2))
+    assert all(np.array_equal(a["neg"], b["neg"]) for a, b in zip(batches, again))
 
 
 # --- both models -----------------------------------------------------------------------
