@@ -61,7 +61,7 @@ class BPRMF(RecModel):
     def train_batches(self, data, batch_size: int, rng: np.random.Generator):
         return pair_batches(data.train, self.n_items, batch_size, rng, self.cfg.negatives)
 
-    def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor):
+    def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Final and ego embeddings of a batch's rows: (final users (B, C), final items (M, C),
         ego users (B, C), ego items (M, C)); users (B,) and items (M,) are table rows.
 

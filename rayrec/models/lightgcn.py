@@ -48,12 +48,12 @@ def normalized_adjacency(train: CSR, n_users: int, n_items: int) -> torch.Tensor
     return csr_tensor(*_normalized_adjacency_parts(train, n_users, n_items))
 
 
-def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A square sparse CSR tensor over existing index and value tensors (no copy)."""
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_cols: int | None = None) -> torch.Tensor:
+    """A sparse CSR tensor (rows, n_cols; square by default) over existing index and value tensors (no copy)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         n = crow.shape[0] - 1
-        return torch.sparse_csr_tensor(crow, col, values, size=(n, n), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, values, size=(n, n if n_cols is None else n_cols), check_invariants=False)
 
 
 def _normalized_adjacency_parts(train: CSR, n_users: int, n_items: int):
@@ -143,7 +143,7 @@ class LightGCN(BPRMF):
         final = total / (self.cfg.layers + 1)
         return final[: self.n_users], final[self.n_users :]
 
-    def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor):
+    def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Final and ego embeddings of the batch's rows only (see BPRMF.batch_embeddings).
 
         Equal to indexing `final_embeddings()`, with less sparse work: the last layer is
@@ -169,9 +169,7 @@ def row_subset(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, rows
     # Entry j of the subset comes from position starts[r] + (j - sub_crow[r]) of its row r.
     shift = torch.repeat_interleave(starts - sub_crow[:-1], lengths)
     take = shift + torch.arange(int(sub_crow[-1]), device=crow.device)
-    return torch.sparse_csr_tensor(
-        sub_crow.to(crow.dtype), col[take], values[take], size=(len(rows), crow.shape[0] - 1), check_invariants=False
-    )
+    return csr_tensor(sub_crow.to(crow.dtype), col[take], values[take], n_cols=crow.shape[0] - 1)
 
 
 class PropagateRows(torch.autograd.Function):
@@ -186,7 +184,8 @@ class PropagateRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ego, rows, crow, col, values, layers: int):
+    def forward(ctx, ego: torch.Tensor, rows: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                values: torch.Tensor, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         adj = csr_tensor(crow, col, values)
         ego_rows = ego[rows]  # (R, C)
         layer, total = ego, ego_rows
@@ -199,7 +198,7 @@ class PropagateRows(torch.autograd.Function):
         return total / (layers + 1), ego_rows
 
     @staticmethod
-    def backward(ctx, grad_final, grad_ego):
+    def backward(ctx, grad_final: torch.Tensor, grad_ego: torch.Tensor):
         rows, crow, col, values = ctx.saved_tensors
         adj = csr_tensor(crow, col, values)
         g = grad_final / (ctx.layers + 1)  # (R, C)
