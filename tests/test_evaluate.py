@@ -15,6 +15,7 @@ from rayrec.train.evaluate import (
     evaluate_on_train,
     history_mask_indices,
     item_hash,
+    rank_users,
     split_last_item,
 )
 
@@ -233,3 +234,93 @@ def test_popularity_ranks_by_training_counts():
     # test split, user 3's history is {5}: the ranking starts 3 -> target 3 at rank 1
     r = evaluate(model, data, "test", ks=[1], device="cpu", users=np.array([3]))
     assert r["hr@1"] == 1.0
+
+
+# --- the evaluator against a deliberately plain reference ---------------------------------
+
+def reference_metrics(table, history, targets, users, ks, sampled=0, seed=0):
+    """Per-user loops over a dense numpy score table, every formula written out by hand."""
+    n_cols = table.shape[1]
+    sums, seen = {}, {k: set() for k in ks}
+
+    def add(key, value):
+        sums[key] = sums.get(key, 0.0) + value
+
+    for u in users:
+        scores = table[u].astype(np.float64)
+        masked = {0, *history[u]}
+        scores[list(masked)] = -np.inf
+        relevant = set(targets[u])
+        ranked = [c for c in np.argsort(-scores, kind="stable") if c not in masked]  # best first
+        for k in ks:
+            top = ranked[:k]
+            seen[k].update(top)
+            hits = [c in relevant for c in top]
+            add(f"hr@{k}", float(any(hits)))
+            add(f"recall@{k}", sum(hits) / len(relevant))
+            add(f"precision@{k}", sum(hits) / k)
+            dcg = sum(1 / log2(r + 2) for r, hit in enumerate(hits) if hit)
+            idcg = sum(1 / log2(r + 2) for r in range(min(len(relevant), k)))
+            add(f"ndcg@{k}", dcg / idcg)
+            add(f"mrr@{k}", next((1 / (r + 1) for r, hit in enumerate(hits) if hit), 0.0))
+        best = max(scores[t] for t in relevant)
+        add("avg_rank", 1 + sum(1 for c in range(n_cols) if c not in relevant and scores[c] >= best))
+        if sampled:
+            keys = item_hash(seed, torch.tensor([u]), n_cols)[0].numpy()
+            allowed = [c for c in range(1, n_cols) if c not in masked and c not in relevant]
+            negatives = sorted(allowed, key=lambda c: -keys[c])[:sampled]
+            target_score = scores[targets[u][0]]  # the first target as stored
+            rank = 1 + sum(1 for c in negatives if scores[c] >= target_score)
+            for k in ks:
+                inside = rank <= k
+                add(f"sampled_hr@{k}", float(inside))
+                add(f"sampled_ndcg@{k}", inside / log2(rank + 1))
+                add(f"sampled_mrr@{k}", inside / rank)
+    result = {key: value / len(users) for key, value in sums.items()}
+    result.update({f"coverage@{k}": len(seen[k]) / (n_cols - 1) for k in ks})
+    result["n_users"] = len(users)
+    return result
+
+
+def reference_case(ties: bool):
+    """12 items, 9 users: several targets per user (graph splits), a user with only 2
+    unmasked items (fewer than K), a user whose target is also in its history (masked)."""
+    rng = np.random.default_rng(7)
+    n_items = 12
+    history = [[1, 2], [3], list(range(1, 11)), [4, 5, 6], [], [7, 8], [2, 9], [1], [5, 12]]
+    targets = [[3, 4, 5], [1], [11], [1, 2], [6, 7, 8, 9], [8, 9], [10, 3], [1, 12], [5]]
+    shape = (len(history), n_items + 1)
+    # Distinct scores for the top-K metrics (their tie order is arbitrary); a few levels for
+    # the tie-defined figures (avg_rank, sampled ranks).
+    table = rng.integers(0, 4, size=shape) / 4 if ties else rng.permutation(np.prod(shape)).reshape(shape) / 10
+    return table.astype(np.float32), CSR.from_lists(history), CSR.from_lists(targets), history, targets
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 4, 100])
+def test_rank_users_equals_a_plain_reference(ties, batch_size):
+    table, history, targets, history_rows, target_rows = reference_case(ties)
+    data = make_data([[1]] * table.shape[0], [[1]] * table.shape[0], [[1]] * table.shape[0], table.shape[1] - 1)
+    model = FixedScores(table, data)
+    users = np.arange(table.shape[0])
+    ks = [1, 3, 5, 20]  # 20 > 12 items: every user has fewer unmasked items than K
+    got = rank_users(model, history, targets, 12, users, ks, "cpu", batch_size=batch_size, sampled_negatives=4, seed=5)
+    want = reference_metrics(table, history_rows, target_rows, users, ks, sampled=4, seed=5)
+    assert set(got) == set(want)
+    tie_free = {"avg_rank", "n_users"} | {k for k in want if k.startswith("sampled_")}
+    for key in want if not ties else tie_free:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_evaluate_uses_the_split_history_and_targets():
+    table, _, _, history_rows, target_rows = reference_case(ties=False)
+    train = [row[:1] or [12] for row in history_rows]
+    valid = [row[1:] for row in history_rows]
+    data = make_data(train, valid, target_rows, 12)
+    model = FixedScores(table, data)
+    got = evaluate(model, data, "test", ks=[2, 5], device="cpu", sampled_negatives=3, seed=1)
+    test_history = [sorted(set(t) | set(v)) for t, v in zip(train, valid)]
+    want = reference_metrics(table, test_history, target_rows, np.arange(len(train)), [2, 5], sampled=3, seed=1)
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key

@@ -50,7 +50,7 @@ def test_several_targets_idcg_uses_min_of_targets_and_k():
 def test_duplicate_targets_and_users_without_targets():
     topk = torch.tensor([[1, 2], [1, 2]])
     targets = torch.tensor([[2, 2], [0, 0]])  # a duplicated target counts once; user 1 has none
-    m = M.full_ranking_metrics(topk, targets, ks=[2], n_cols=5)
+    m = M.full_ranking_metrics(topk, targets, ks=[2])
     assert m["recall@2"].tolist() == approx([1, 0])
     assert m["ndcg@2"].tolist() == approx([1 / log2(3), 0])
     assert m["hr@2"].tolist() == [1, 0]
@@ -74,15 +74,30 @@ def test_coverage_accumulates_over_batches():
 
 
 def test_first_target_rank_is_pessimistic_on_ties():
-    scores = torch.tensor([[float("-inf"), 0.5, 0.3, 0.5]] * 3)
-    is_target = torch.tensor(
+    scores = torch.tensor([[float("-inf"), 0.5, 0.3, 0.5]] * 4)
+    targets = torch.tensor(
         [
-            [False, False, True, False],  # 0.3: two items above -> rank 3
-            [False, True, False, False],  # 0.5, tied with column 3 -> rank 2
-            [False, False, True, True],  # best target 0.5, tied with column 1 -> rank 2
+            [2, 0],  # 0.3: two items above -> rank 3
+            [1, 0],  # 0.5, tied with column 3 -> rank 2
+            [3, 2],  # best target 0.5, tied with column 1 -> rank 2
+            [3, 3],  # a repeated target counts once: tied with column 1 -> rank 2
         ]
     )
-    assert M.first_target_rank(scores, is_target).tolist() == [3, 2, 2]
+    assert M.first_target_rank_(scores, targets).tolist() == [3, 2, 2, 2]
+
+
+def test_first_target_rank_of_a_masked_target_is_last():
+    # The only target is masked (-inf): every other column, padding included, ties it.
+    scores = torch.tensor([[float("-inf"), 0.5, float("-inf"), 0.1]])
+    assert M.first_target_rank_(scores, torch.tensor([[2]])).tolist() == [4]
+
+
+def test_target_hits_search_the_sorted_targets():
+    ordered, real = M.distinct_targets(torch.tensor([[7, 0, 3, 3], [0, 0, 0, 0]]))
+    assert ordered.tolist() == [[0, 3, 3, 7], [0, 0, 0, 0]]
+    assert real.tolist() == [[False, True, False, True], [False] * 4]
+    hits = M.target_hits(torch.tensor([[3, 0, 8, 7], [0, 1, 2, 3]]), ordered)
+    assert hits.tolist() == [[True, False, False, True], [False] * 4]  # id 0 (no item) never hits
 
 
 def test_sampled_metrics():

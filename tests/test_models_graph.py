@@ -10,15 +10,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from rayrec.config import DataConfig, build_config
+from rayrec.data.batches import ItemExclusion, pair_batches, sample_negatives
 from rayrec.data.datasets import shared_data_dir
 from rayrec.data.lightgcn_format import carve_validation, load_lightgcn_dir
 from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
 from rayrec.models.bprmf import BPRMF, BPRMFConfig
-from rayrec.models.lightgcn import LightGCN, LightGCNConfig, normalized_adjacency
+from rayrec.models.lightgcn import LightGCN, LightGCNConfig, normalized_adjacency, row_subset
 
 GRAPH_MODELS = [(LightGCN, LightGCNConfig), (BPRMF, BPRMFConfig)]
 
@@ -121,19 +123,23 @@ def test_adjacency_lives_in_buffers_outside_the_state_dict():
 
 def test_every_training_step_propagates_again():
     """The stale-embedding guard (field-lessons §4): consecutive batches, with an optimiser
-    step between them, are scored with freshly propagated embeddings."""
+    step between them, are scored with embeddings propagated from the current weights."""
     data = planted()
     torch.manual_seed(0)
     model = LightGCN(LightGCNConfig(hidden=8), data)
     seen = []
-    propagate = model.final_embeddings
+    batch_embeddings = model.batch_embeddings
 
-    def recording():
-        users, items = propagate()
-        seen.append(torch.cat([users, items]).detach().clone())
-        return users, items
+    def recording(users, items):
+        out = batch_embeddings(users, items)
+        with torch.no_grad():
+            fresh_users, fresh_items = model.final_embeddings()  # a full propagation of the current weights
+        torch.testing.assert_close(out[0].detach(), fresh_users[users])
+        torch.testing.assert_close(out[1].detach(), fresh_items[items])
+        seen.append(torch.cat([fresh_users, fresh_items]))
+        return out
 
-    model.final_embeddings = recording
+    model.batch_embeddings = recording
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     batches = [tensors(b) for b in model.train_batches(data, 32, np.random.default_rng(0))][:2]
     for batch in batches:
@@ -142,8 +148,41 @@ def test_every_training_step_propagates_again():
         opt.step()
     assert len(seen) == 2, "loss() must propagate once per call"
     assert not torch.allclose(seen[0], seen[1]), "the second batch saw embeddings from before the step"
-    del model.final_embeddings
+    del model.batch_embeddings
     assert not torch.allclose(seen[1], torch.cat(model.final_embeddings()).detach())  # the 2nd step moved them
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("negatives", [1, 3])
+def test_batch_propagation_equals_indexing_the_full_propagation(layers, negatives):
+    """The training path (PropagateRows: last layer on the batch's nodes only, Horner backward)
+    gives the loss and gradients of indexing final_embeddings(), duplicates in the batch included."""
+    data = planted()
+    torch.manual_seed(0)
+    model = LightGCN(LightGCNConfig(hidden=8, layers=layers, negatives=negatives, reg=1e-2), data).double()
+    batch = first_batch(model, data, batch_size=24)
+    batch["users"][1] = batch["users"][0]  # a repeated user and a repeated item
+    batch["neg"][0, 0] = batch["pos"][0]
+    model.loss(batch).backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    users, pos, neg = batch["users"], batch["pos"] - 1, batch["neg"] - 1
+    user_final, item_final = model.final_embeddings()
+    u = user_final[users]
+    neg_score, pos_score = torch.einsum("bc,bkc->bk", u, item_final[neg]), (u * item_final[pos]).sum(-1)
+    bpr = F.softplus(neg_score.float() - pos_score.float()[:, None]).mean()  # the model's loss is float32
+    ego = model.user_emb(users).pow(2).sum() + model.item_emb(pos).pow(2).sum() + model.item_emb(neg).pow(2).sum() / negatives
+    (bpr + 1e-2 * (0.5 * ego / len(users)).float()).backward()
+    for got, want in zip(fast, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+
+
+def test_row_subset_of_the_adjacency():
+    adj = normalized_adjacency(CSR.from_lists([[1, 2], [2, 3], [3]]), n_users=3, n_items=3)
+    rows = torch.tensor([0, 4, 5])
+    sub = row_subset(adj.crow_indices(), adj.col_indices(), adj.values(), rows)
+    torch.testing.assert_close(sub.to_dense(), adj.to_dense()[rows])
 
 
 def test_scoring_propagates_once_per_evaluation_phase():
@@ -170,7 +209,7 @@ def test_scoring_propagates_once_per_evaluation_phase():
     model.eval()
     with torch.no_grad():
         after = model.score(users)
-    assert len(calls) == 3  # one in loss(), one for the new evaluation phase
+    assert len(calls) == 2  # one more for the new evaluation phase (loss() propagates only its batch)
     assert not torch.allclose(before, after), "evaluation reused embeddings from before training"
 
 
@@ -183,6 +222,58 @@ def test_loading_weights_in_eval_mode_drops_the_cache():
         model.score(users)
         model.load_state_dict(other.state_dict())
         torch.testing.assert_close(model.score(users), other.score(users))
+
+
+# --- negative sampling -------------------------------------------------------------------
+
+def test_negatives_exclude_each_users_positives():
+    # Dense rows make collisions common: user 0 has 7 of 8 items, user 2 has every item.
+    train = CSR.from_lists([[1, 2, 3, 4, 5, 6, 7], [2, 2, 4], list(range(1, 9)), []])
+    exclude = ItemExclusion(train, n_items=8)
+    users = np.repeat(np.arange(4), 500)
+    neg = sample_negatives(np.random.default_rng(0), 8, (len(users), 3), users=users, exclude=exclude)
+    assert neg.shape == (2000, 3) and neg.dtype == np.int64 and neg.min() >= 1 and neg.max() <= 8
+    assert np.all(neg[users == 0] == 8)  # the one item user 0 has not seen
+    assert not np.isin(neg[users == 1], [2, 4]).any()
+    # Uniform over the allowed items (6 for user 1, 8 for user 3): each about 1/6 and 1/8 of 1500 draws.
+    np.testing.assert_allclose(np.bincount(neg[users == 1].ravel(), minlength=9)[[1, 3, 5, 6, 7, 8]] / 1500, 1 / 6, atol=0.04)
+    np.testing.assert_allclose(np.bincount(neg[users == 3].ravel(), minlength=9)[1:] / 1500, 1 / 8, atol=0.04)
+    # User 2 has nothing left to draw: the plain draw is kept instead of looping forever.
+    assert neg[users == 2].min() >= 1
+
+
+def test_negative_sampling_is_reproducible_by_seed():
+    train = CSR.from_lists([[1, 2, 3], [3, 4], [1, 5, 6, 7]])
+    exclude = ItemExclusion(train, n_items=8)
+    users = np.array([0, 1, 2, 0, 2])
+    draw = lambda seed: sample_negatives(np.random.default_rng(seed), 8, (5, 4), users=users, exclude=exclude)  # noqa: E731
+    np.testing.assert_array_equal(draw(3), draw(3))
+    assert not np.array_equal(draw(3), draw(4))
+    assert not exclude.contains(np.repeat(users, 4), draw(3).ravel()).any()
+
+
+def test_weighted_negatives_exclude_positives_and_fail_clearly_when_impossible():
+    train = CSR.from_lists([[1, 2], [3]])
+    weights = np.array([0.0, 1.0, 1.0, 0.0, 2.0])  # column 0 is padding; item 3 never drawn
+    exclude = ItemExclusion(train, n_items=4)
+    neg = sample_negatives(np.random.default_rng(0), 4, (2, 50), weights=weights, users=np.array([0, 1]), exclude=exclude)
+    assert set(neg[0]) == {4} and set(neg[1]) <= {1, 2, 4}
+    with pytest.raises(ValueError, match="no allowed item"):
+        sample_negatives(np.random.default_rng(0), 4, (1, 5), weights=np.array([0.0, 1.0, 1.0, 0.0, 0.0]),
+                         users=np.array([0]), exclude=exclude, max_rounds=50)
+
+
+def test_pair_batches_visit_every_edge_once_with_allowed_negatives():
+    data = planted()
+    batches = list(pair_batches(data.train, data.n_items, 10, np.random.default_rng(0), n_negatives=2))
+    users = np.concatenate([b["users"] for b in batches])
+    pos = np.concatenate([b["pos"] for b in batches])
+    neg = np.concatenate([b["neg"] for b in batches])
+    edges = sorted(zip(data.train.rows().tolist(), data.train.items.tolist()))
+    assert sorted(zip(users.tolist(), pos.tolist())) == edges
+    assert not ItemExclusion(data.train, data.n_items).contains(np.repeat(users, 2), neg.ravel()).any()
+    again = list(pair_batches(data.train, data.n_items, 10, np.random.default_rng(0), n_negatives=2))
+    assert all(np.array_equal(a["neg"], b["neg"]) for a, b in zip(batches, again))
 
 
 # --- both models -----------------------------------------------------------------------

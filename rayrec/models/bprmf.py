@@ -61,19 +61,31 @@ class BPRMF(RecModel):
     def train_batches(self, data, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1):
         return pair_batches(data.train, self.n_items, batch_size, rng, self.cfg.negatives)
 
+    def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Final and ego embeddings of a batch's rows: (final users (B, C), final items (M, C),
+        ego users (B, C), ego items (M, C)); users (B,) and items (M,) are table rows.
+
+        MF's final embeddings are its ego embeddings: one gather per table serves both, so the
+        backward writes each table's gradient once instead of once per use.
+        """
+        u = F.embedding(users, self.user_emb.weight)  # (B, C)
+        i = F.embedding(items, self.item_emb.weight)  # (M, C)
+        return u, i, u, i
+
     def loss(self, batch):
         users, pos, neg = batch["users"], batch["pos"] - 1, batch["neg"] - 1  # (B,), (B,), (B, k); item rows
+        b, k = neg.shape
         # Recomputed on every call, i.e. after every optimiser step: reusing embeddings
         # computed before a step trains on stale values (field-lessons §4).
-        user_final, item_final = self.final_embeddings()
-        u = user_final[users]  # (B, C)
-        pos_score = (u * item_final[pos]).sum(-1)  # (B,)
-        neg_score = torch.einsum("bc,bkc->bk", u, item_final[neg])  # (B, k)
+        u, items, ego_u, ego_items = self.batch_embeddings(users, torch.cat([pos, neg.reshape(-1)]))
+        p, n = items[:b], items[b:].view(b, k, -1)  # (B, C), (B, k, C)
+        pos_score = (u * p).sum(-1)  # (B,)
+        neg_score = torch.einsum("bc,bkc->bk", u, n)  # (B, k)
         bpr = F.softplus(neg_score.float() - pos_score.float()[:, None]).mean()  # = -log sigmoid(pos - neg)
         # L2 on the EGO embeddings of the batch, as LightGCN does: 0.5 * ||.||^2 / batch size,
         # the negatives' term averaged over the k negatives so that reg means the same for any k.
-        ego_u, ego_p, ego_n = self.user_emb(users), self.item_emb(pos), self.item_emb(neg)
-        l2 = 0.5 * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum() / neg.shape[1]) / users.shape[0]
+        ego_p, ego_n = ego_items[:b], ego_items[b:]
+        l2 = 0.5 * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum() / k) / b
         return bpr + self.cfg.reg * l2.float()
 
     def score(self, batch):

@@ -166,28 +166,26 @@ def rank_users(
             for start in range(0, len(users), batch_size):
                 batch_users = users[start : start + batch_size]
                 inputs = batch_to_device(model.eval_inputs(history, batch_users), device)
-                scores = model.score(inputs).float()  # [B, n_cols]
-                # A diverged model's NaN would sort first in topk; rank it last instead. Out of
-                # place, as the model may return a view of its own buffers; in place from here.
-                scores = scores.masked_fill(scores.isnan(), float("-inf"))
+                scores = _writable(model.score(inputs).float(), model)  # [B, n_cols]
                 hist_idx = history_mask_indices(history, batch_users, device)  # [B, Lmax]
                 scores.scatter_(1, hist_idx, float("-inf"))
                 scores[:, 0] = float("-inf")  # padding
-                tgt_idx = torch.from_numpy(padded_rows(targets, batch_users)).to(device)  # [B, T]
-                is_target = M.target_mask(tgt_idx, n_cols)  # [B, n_cols]
-
                 top_scores, top_ids = scores.topk(kmax, dim=1)  # [B, kmax]
+                if top_scores.isnan().any():
+                    # A diverged model: topk ranks NaN first, so any unmasked NaN shows up here.
+                    # Rank it last instead, as -inf; only such batches pay for the extra pass.
+                    scores.masked_fill_(scores.isnan(), float("-inf"))
+                    top_scores, top_ids = scores.topk(kmax, dim=1)
                 # A user with fewer than kmax unmasked items gets masked picks: make them misses.
                 top_ids = top_ids.masked_fill(top_scores == float("-inf"), 0)
-                hits = is_target.gather(1, top_ids)
-                batch_metrics = M.ranking_metrics(hits, is_target.sum(1), ks)
-                batch_metrics["avg_rank"] = M.first_target_rank(scores, is_target)
+                tgt_idx = torch.from_numpy(padded_rows(targets, batch_users)).to(device)  # [B, T]
+                ordered, real = M.distinct_targets(tgt_idx)  # [B, T] each
+                batch_metrics = M.ranking_metrics(M.target_hits(top_ids, ordered), real.sum(1), ks)
                 for k in ks:
                     M.mark_recommended(seen[k], top_ids[:, :k])
                 if n_sampled > 0:
-                    batch_metrics.update(
-                        _sampled(scores, hist_idx, is_target, tgt_idx[:, 0], batch_users, n_sampled, ks, seed)
-                    )
+                    batch_metrics.update(_sampled(scores, hist_idx, tgt_idx, batch_users, n_sampled, ks, seed))
+                batch_metrics["avg_rank"] = M.first_target_rank_(scores, tgt_idx)  # the last use: consumes scores
                 for key, value in batch_metrics.items():
                     total = value.double().sum()
                     sums[key] = sums[key] + total if key in sums else total
@@ -210,27 +208,44 @@ def rank_users(
     return result
 
 
+def _writable(scores: torch.Tensor, model) -> torch.Tensor:
+    """`scores`, or a copy where it may be the model's own memory (a view, a buffer).
+
+    The evaluator masks scores in place; a fresh product (the usual case) is used as it is,
+    which saves a full [B, n_cols] copy per batch.
+    """
+    if scores._base is None:
+        ptr = scores.untyped_storage().data_ptr()
+        tensors = list(model.parameters()) + list(model.buffers())
+        if all(t.untyped_storage().data_ptr() != ptr for t in tensors):
+            return scores
+    return scores.clone()
+
+
 def _sampled(
     scores: torch.Tensor,
     hist_idx: torch.Tensor,
-    is_target: torch.Tensor,
-    first_target: torch.Tensor,
+    tgt_idx: torch.Tensor,
     batch_users: np.ndarray,
     n: int,
     ks: list[int],
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """Sampled metrics for one batch: the first target against n unseen, non-target items."""
+    """Sampled metrics for one batch: the first target against n unseen, non-target items.
+
+    tgt_idx: int64 [B, T] padded targets; column 0 holds each user's first target.
+    """
     users_t = torch.from_numpy(batch_users).to(scores.device)
     # Random keys per (user, item); excluded items get the lowest key, so the top-n keys are
-    # a uniform sample without replacement of the allowed items.
+    # a uniform sample without replacement of the allowed items. Padding (0) in either index
+    # hits column 0, which is excluded anyway.
     keys = item_hash(seed, users_t, scores.shape[1])  # int64 [B, n_cols]
-    keys = keys.scatter(1, hist_idx, _INT64_MIN)
-    keys = keys.masked_fill(is_target, _INT64_MIN)
+    keys.scatter_(1, hist_idx, _INT64_MIN)
+    keys.scatter_(1, tgt_idx, _INT64_MIN)
     keys[:, 0] = _INT64_MIN  # padding
     picked_keys, negatives = keys.topk(n, dim=1)  # [B, n]
     valid = picked_keys != _INT64_MIN
-    target_scores = scores.gather(1, first_target[:, None]).squeeze(1)
+    target_scores = scores.gather(1, tgt_idx[:, :1]).squeeze(1)
     return M.sampled_metrics(target_scores, scores.gather(1, negatives), ks, valid)
 
 

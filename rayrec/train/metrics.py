@@ -33,18 +33,6 @@ FULL_RANKING = ("hr", "recall", "precision", "ndcg", "mrr")
 SAMPLED = ("hr", "ndcg", "mrr")
 
 
-def target_mask(targets: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Dense relevance matrix from padded target ids.
-
-    targets: int64 [B, T], 0 = padding. Returns bool [B, n_cols], True where the item is a
-    target; column 0 (padding) is always False. Duplicate targets collapse to one.
-    """
-    mask = torch.zeros(targets.shape[0], n_cols, dtype=torch.bool, device=targets.device)
-    mask.scatter_(1, targets, True)
-    mask[:, 0] = False
-    return mask
-
-
 def _discounts(k: int, device: torch.device) -> torch.Tensor:
     """1 / log2(r + 1) for ranks r = 1..k: float32 [k]."""
     return 1.0 / torch.log2(torch.arange(2, k + 2, device=device, dtype=torch.float32))
@@ -83,31 +71,59 @@ def ranking_metrics(hits: torch.Tensor, n_targets: torch.Tensor, ks: list[int]) 
     return out
 
 
-def full_ranking_metrics(
-    topk: torch.Tensor, targets: torch.Tensor, ks: list[int], n_cols: int | None = None
-) -> dict[str, torch.Tensor]:
+def full_ranking_metrics(topk: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
     """Per-user full-ranking metrics from recommended ids and padded targets.
 
-    topk: int64 [B, Kmax] item ids, best first. targets: int64 [B, T], 0 = padding (one
-    column for leave-one-out, many for graph splits). n_cols: size of the id space
-    (n_items + 1); inferred from the largest id when omitted.
+    topk: int64 [B, Kmax] item ids, best first, 0 = no item (never a hit). targets: int64
+    [B, T], 0 = padding (one column for leave-one-out, many for graph splits); a repeated
+    target counts once.
     """
-    if n_cols is None:
-        n_cols = int(max(int(topk.max()), int(targets.max()))) + 1
-    is_target = target_mask(targets, n_cols)
-    hits = is_target.gather(1, topk)  # [B, Kmax]
-    return ranking_metrics(hits, is_target.sum(1), ks)
+    ordered, real = distinct_targets(targets)
+    return ranking_metrics(target_hits(topk, ordered), real.sum(1), ks)
 
 
-def first_target_rank(scores: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+def distinct_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded target ids sorted per row, and which entries are real and distinct.
+
+    targets: int64 [B, T], 0 = padding. Returns (sorted int64 [B, T], bool [B, T]): the
+    second is False for padding and for repeats of the id before, so its row sums are the
+    users' numbers of distinct targets.
+    """
+    ordered = targets.sort(dim=1).values
+    first = ordered != 0
+    first[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    return ordered, first
+
+
+def target_hits(topk: torch.Tensor, ordered_targets: torch.Tensor) -> torch.Tensor:
+    """hits[b, r] = item topk[b, r] is one of user b's targets: bool [B, K].
+
+    topk: int64 [B, K], 0 = no item; ordered_targets: the first output of
+    `distinct_targets` [B, T]. A binary search per pick instead of a dense [B, n_cols]
+    relevance matrix.
+    """
+    at = torch.searchsorted(ordered_targets, topk).clamp(max=ordered_targets.shape[1] - 1)  # [B, K]
+    return (ordered_targets.gather(1, at) == topk) & (topk != 0)
+
+
+def first_target_rank_(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank of each user's best-scored target among all columns: float [B].
 
-    scores: float [B, n_cols] after masking (masked columns = -inf); is_target: bool
-    [B, n_cols]. Ties with non-target items count against the target (pessimistic).
+    scores: float [B, n_cols] after masking (masked columns = -inf, no NaN); targets: int64
+    [B, T] padded with 0 (column 0 is never a target). Ties with non-target items count
+    against the target (pessimistic): rank = 1 + #columns scored >= best - #distinct targets
+    scored >= best.
+
+    Consumes `scores` (trailing underscore): the count runs in place, overwriting scores
+    with 1.0 / 0.0, because summing a bool [B, n_cols] converts it to int64 first, which
+    costs about ten times the comparison. Float sums of 0/1 are exact below 2**24 columns.
     """
-    best = scores.masked_fill(~is_target, float("-inf")).amax(1)  # [B]
-    ahead = (scores >= best[:, None]) & ~is_target
-    return 1.0 + ahead.sum(1).float()
+    ordered, real = distinct_targets(targets)
+    target_scores = scores.gather(1, ordered)  # [B, T]
+    best = target_scores.masked_fill(~real, float("-inf")).amax(1, keepdim=True)  # [B, 1]
+    targets_at_least = ((target_scores >= best) & real).sum(1)  # [B]
+    at_least = torch.ge(scores, best, out=scores).sum(1)  # every column, targets included
+    return 1.0 + at_least - targets_at_least.float()
 
 
 def mark_recommended(seen: torch.Tensor, topk: torch.Tensor) -> None:
