@@ -18,6 +18,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+# The shared trainer's speed on the GPU: one epoch per model, rayrec's side only (the plain
+# references of bench/speed.py run on CPU).
+"$PY" bench/speed.py --device cuda --no-reference --json "$OUT/speed.json"
 # BERT4Rec: the anchor trained up to 200 epochs; the time box decides where it stops.
 "$PY" bench/seq_ml1m.py --model bert4rec --epochs 200 --max-minutes "$MINUTES" --batch-size 256 \
     --set train.device=cuda --json "$OUT/bert4rec.json"

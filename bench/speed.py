@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="time only the first N batches of each side (0 = whole epoch)")
     p.add_argument("--no-reference", action="store_true", help="skip the plain-PyTorch references")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="rayrec's side: cpu or cuda (the references run on CPU only)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra override for rayrec's side")
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args(argv)
@@ -234,6 +235,13 @@ def positions(model_name: str, seq) -> int:
     return int((real - 1).clamp(min=0).sum())
 
 
+def synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def warm_up(trainer, batches) -> None:
     """Two optimiser steps before the clock starts (thread pool, allocator), weights restored."""
     from rayrec.train.evaluate import batch_to_device
@@ -265,6 +273,7 @@ def time_ours(case: Case, cfg, data, steps: int) -> dict:
     reset_peak_memory()
     t = time.perf_counter()
     trainer.train_epoch(0)  # what a run pays: batches built, moved, stepped (capped by limit_train_batches)
+    synchronize(trainer.device)
     seconds = time.perf_counter() - t
     train_mem = peak_memory_mb()
     # Bucketed batches differ in size: a capped run scales by work done, not by batch count.
@@ -357,7 +366,7 @@ def run_case(case: Case, args) -> dict:
     from rayrec.config import build_config, parse_overrides
     from rayrec.data import load_split
 
-    overrides = {**case.overrides, "train.device": "cpu", "train.num_threads": args.threads,
+    overrides = {**case.overrides, "train.device": args.device, "train.num_threads": args.threads,
                  "train.limit_train_batches": args.steps, **parse_overrides(args.sets)}
     cfg = build_config(case.model, overrides=overrides)
     data = load_split(cfg.data)
@@ -371,7 +380,7 @@ def run_case(case: Case, args) -> dict:
     print(f"   rayrec    : {ours['epoch_seconds']:7.1f} s/epoch ({ours['per_second']:>9,.0f} {unit}/s over"
           f" {ours['train_seconds']:.1f} s)  eval {ours['eval_seconds']:5.2f} s for {ours['eval_users']:,} users"
           f"  peak {ours['train_peak_mb']:,.0f} / {ours['eval_peak_mb']:,.0f} MB  load {load_average()}", flush=True)
-    if not args.no_reference:
+    if not args.no_reference and args.device == "cpu":
         ref = time_reference(case, cfg, data, args.steps, ours["trainer"])
         ref["epoch_seconds"] = ours["work_per_epoch"] / ref["per_second"]
         row["reference"] = ref

@@ -179,6 +179,9 @@ def test_cpu_dropout_drops_p_keeps_the_mean_and_follows_the_seed():
     assert y.mean().item() == pytest.approx(1.0, abs=0.005)
     y.sum().backward()
     assert torch.equal(x.grad == 0, y == 0) and torch.equal(x.grad, y.detach())
+    residual = torch.randn(400_000)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ops.dropout_add(residual, x, 0.3, True), residual + y)
     torch.manual_seed(3)
     assert torch.equal(ops.dropout(x, 0.3, True), y)
     assert ops.dropout(x, 0.3, False) is x

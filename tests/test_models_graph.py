@@ -345,7 +345,8 @@ def test_registry_and_training_defaults(name):
     assert spec.kind == "graph" and spec.model_cls.kind == "graph"
     cfg = build_config(name)
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-3, 0.0, 1.0)
-    assert (cfg.train.batch_size, cfg.train.patience, cfg.train.metric) == (2048, 20, "recall@20")
+    assert (cfg.train.batch_size, cfg.train.patience, cfg.train.metric) == (2048, 50, "recall@20")
+    assert cfg.train.epochs == 1000 and cfg.train.schedule == "constant"
     assert (cfg.model.hidden, cfg.model.reg, cfg.model.negatives, cfg.model.init_std) == (64, 1e-4, 1, 0.1)
     # Graph models accept data without time order.
     assert isinstance(build_model(name, cfg.model, planted()), spec.model_cls)

@@ -120,9 +120,11 @@ class BPRMF(RecModel):
 # batch's embeddings, as in LightGCN's protocol (anchors.md: L2 1e-4 on the ego embeddings);
 # decoupled decay on top would shrink every embedding at every step, sampled or not.
 # Graph models split each user's interactions at random (the LightGCN protocol) unless told otherwise.
+# The recipe: the LightGCN reference trains up to 1,000 epochs at a constant lr; BPR starts
+# slowly (field-lessons §5), so patience is long.
 GRAPH_TRAIN_DEFAULTS = {
-    "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "batch_size": 2048,
-    "patience": 20, "warmup_epochs": 0.0, "metric": "recall@20",
+    "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "batch_size": 2048, "epochs": 1000,
+    "patience": 50, "warmup_epochs": 0.0, "metric": "recall@20",
 }
 
 SPEC = ModelSpec(

@@ -22,7 +22,10 @@ import torch
 from torch.nn import functional as F
 
 _LEVELS = 65536  # 16-bit uniforms
-CE_CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB in fp32, inside a server CPU's L3
+# Logits per chunk. CPU: 2 MB in fp32, so a chunk stays in the cores' L2 through the three
+# products and the softmax (measured on a 13,500 x 3,417 batch: 2 MB chunks 235 ms, 16 MB
+# 344 ms, unchunked 667-774 ms); GPU: large, so kernel launches stay few.
+CE_CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -31,11 +34,25 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
+    return x * _multiplier(x, p)
+
+
+def dropout_add(residual: torch.Tensor, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """residual + dropout(x): on CPU one fused pass (addcmul) instead of three."""
+    if not training or p <= 0.0:
+        return residual + x
+    if x.device.type != "cpu":
+        return residual + F.dropout(x, p, training=True)
+    return torch.addcmul(residual, x, _multiplier(x, p))
+
+
+def _multiplier(x: torch.Tensor, p: float) -> torch.Tensor:
+    """0 where dropped, 1 / (kept share) elsewhere: x's shape and dtype, from torch's RNG."""
     dropped = round(p * _LEVELS)
     if dropped >= _LEVELS:
         return torch.zeros_like(x)
     keep = keep_mask(x.shape, dropped, x.device)
-    return _MaskScale.apply(x, keep, _LEVELS / (_LEVELS - dropped))
+    return (keep * (_LEVELS / (_LEVELS - dropped))).to(x.dtype)
 
 
 def keep_mask(shape: torch.Size, dropped: int, device: torch.device) -> torch.Tensor:
@@ -46,23 +63,8 @@ def keep_mask(shape: torch.Size, dropped: int, device: torch.device) -> torch.Te
     return uniform16 >= (dropped - _LEVELS // 2)
 
 
-class _MaskScale(torch.autograd.Function):
-    """x * keep * scale, saving only the 1-byte mask for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
-
-
 def softmax_cross_entropy(
-    hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CE_CHUNK_ELEMENTS
+    hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk_elements: int | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy of `targets` under softmax(hidden @ table.T), column 0 (padding) excluded.
 
@@ -71,11 +73,14 @@ def softmax_cross_entropy(
     Without autograd (evaluation) it takes the plain path.
     """
     if not (hidden.requires_grad or table.requires_grad):
-        logits = (hidden @ table.T).float()  # (P, N + 1)
+        logits = hidden.float() @ table.float().T  # (P, N + 1)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, targets)
+    if chunk_elements is None:
+        chunk_elements = CE_CHUNK_ELEMENTS.get(hidden.device.type, CE_CHUNK_ELEMENTS["cuda"])
     chunk = max(1, chunk_elements // table.shape[0])
-    return _ChunkedSoftmaxCE.apply(hidden, table, targets, chunk)
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, softmax and loss under AMP
+        return _ChunkedSoftmaxCE.apply(hidden, table, targets, chunk)
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):

@@ -60,9 +60,9 @@ class Block(nn.Module):
                 key_mask, causal = upto[:, None, None, :], False
         q, k, v = (t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, ., C/H)
         a = self._attention(q, k, v, causal, key_mask)  # (B, H, Lq, C/H)
-        x = x + ops.dropout(self.proj(a.transpose(1, 2).reshape(B, -1, C)), self.dropout, self.training)
+        x = ops.dropout_add(x, self.proj(a.transpose(1, 2).reshape(B, -1, C)), self.dropout, self.training)
         f = self.ffn_out(ops.dropout(F.gelu(self.ffn_in(self.norm2(x))), self.dropout, self.training))
-        return x + ops.dropout(f, self.dropout, self.training)
+        return ops.dropout_add(x, f, self.dropout, self.training)
 
     def _attention(self, q, k, v, causal: bool, key_mask: torch.Tensor | None) -> torch.Tensor:
         drop = self.attn_dropout if self.training else 0.0
