@@ -45,24 +45,26 @@ def sequence_batches(
     the epoch's mean per batch: the trainer scales the batch's mean loss by it, which
     gives every position the same weight as in unbucketed batches.
     """
-    users = np.flatnonzero(train.lengths() >= min_length)
+    full = train.lengths()
+    lengths = np.minimum(full, length)  # positions each row fills
+    users = np.flatnonzero(full >= min_length)
     users = users[rng.permutation(len(users))]
-    batches = [users[s : s + batch_size] for s in range(0, len(users), batch_size)]
-    if bucket_batches > 1 and len(batches) > 1:
-        lengths = np.minimum(train.lengths(), length)
-        span = batch_size * bucket_batches
-        batches = []
-        for s in range(0, len(users), span):
-            chunk = users[s : s + span]
-            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-            batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
+    bucketed = bucket_batches > 1 and len(users) > batch_size
+    # Bucketed: each chunk of bucket_batches batches is sorted by length before it is cut.
+    span = batch_size * bucket_batches if bucketed else batch_size
+    chunks = (users[s : s + span] for s in range(0, len(users), span))
+    if bucketed:
+        chunks = (c[np.argsort(-lengths[c], kind="stable")] for c in chunks)
+    batches = [c[b : b + batch_size] for c in chunks for b in range(0, len(c), batch_size)]
+    if bucketed:
         batches = [batches[i] for i in rng.permutation(len(batches))]
         positions = np.array([lengths[b].sum() for b in batches], dtype=np.float64)
-        for b, weight in zip(batches, positions / positions.mean()):
-            yield {"seq": recent_items(train, b, length), "weight": float(weight)}
-        return
-    for b in batches:
-        yield {"seq": recent_items(train, b, length)}
+        weights = positions / positions.mean()
+    for i, b in enumerate(batches):
+        batch: dict[str, np.ndarray | float] = {"seq": recent_items(train, b, length)}
+        if bucketed:
+            batch["weight"] = float(weights[i])
+        yield batch
 
 
 class ItemExclusion:
