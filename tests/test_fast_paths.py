@@ -106,6 +106,21 @@ def test_padded_batch_equals_each_row_alone(causal):
             torch.testing.assert_close(last[r], alone[-1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_scoring_in_row_chunks_equals_one_pass(causal, monkeypatch):
+    """last_only runs rows in cache-sized chunks; each row's state is the one-pass state."""
+    from rayrec.models import transformer
+
+    model = encoder(causal)
+    seq = padded_batch(1, rows=50)
+    with torch.no_grad():
+        whole = model(seq, last_only=True)
+        monkeypatch.setitem(transformer.LAST_ONLY_POSITIONS, "cpu", 7 * seq.shape[1])  # chunks of 7 rows
+        chunked = model(seq, last_only=True)
+    assert chunked.shape == whole.shape == (50, whole.shape[1])
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
 def test_causal_states_equal_the_masked_reference():
     """The unmasked right-padded kernel equals attention with an explicit causal + padding mask."""
     model = encoder(True)

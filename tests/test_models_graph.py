@@ -20,7 +20,7 @@ from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
 from rayrec.models.bprmf import BPRMF, BPRMFConfig
-from rayrec.models.lightgcn import LightGCN, LightGCNConfig, normalized_adjacency, row_subset
+from rayrec.models.lightgcn import LightGCN, LightGCNConfig, csr_tensor, normalized_adjacency, row_subset
 
 GRAPH_MODELS = [(LightGCN, LightGCNConfig), (BPRMF, BPRMFConfig)]
 
@@ -276,6 +276,27 @@ def test_pair_batches_visit_every_edge_once_with_allowed_negatives():
     assert all(np.array_equal(a["neg"], b["neg"]) for a, b in zip(batches, again))
 
 
+
+def test_user_uniform_sampling_weighs_users_equally():
+    """sampling="users" (the LightGCN reference's sampler): users drawn uniformly, whatever
+    their degree; each pair is one of the user's own items; as many pairs as interactions."""
+    from rayrec.data.types import CSR
+
+    heavy, light = list(range(1, 19)), [19]  # user 0 has 18 items, user 1 has one, user 2 none
+    train = CSR.from_lists([heavy, light, []])
+    batches = list(pair_batches(train, 20, 64, np.random.default_rng(0), sampling="users"))
+    users = np.concatenate([b["users"] for b in batches])
+    pos = np.concatenate([b["pos"] for b in batches])
+    assert len(users) == train.nnz == 19
+    assert set(pos[users == 1].tolist()) <= {19} and set(pos[users == 0].tolist()) <= set(heavy)
+    many = [b["users"] for seed in range(10) for b in pair_batches(train, 20, 64, np.random.default_rng(seed), sampling="users")]
+    drawn = np.concatenate(many)
+    share = (drawn == 1).mean()  # by edges it would be 1/19; by users 1/2
+    assert 0.35 < share < 0.65 and not (drawn == 2).any()
+    edges = list(pair_batches(train, 20, 64, np.random.default_rng(0)))
+    assert (np.concatenate([b["users"] for b in edges]) == 1).sum() == 1  # "edges": each interaction once
+
+
 # --- both models -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_cls,config_cls", GRAPH_MODELS)
@@ -507,3 +528,19 @@ def test_real_lastfm():
     assert (data.n_users, data.n_items) == (1_880, 4_489)
     assert data.train.nnz == 42_135 and data.test.nnz == 10_533
     assert not data.ordered and data.valid.nnz == 0
+
+
+def test_propagation_order_permutes_the_adjacency():
+    """The model propagates over P A P^T in a locality order; its entries are A's, moved."""
+    from rayrec.models.lightgcn import _normalized_adjacency_parts, locality_order, permuted
+
+    train = CSR.from_lists([[1, 2, 2], [3], [1, 4], []])
+    crow, col, values = _normalized_adjacency_parts(train, n_users=4, n_items=4)
+    order = locality_order(crow, col)
+    assert sorted(order.tolist()) == list(range(8))
+    dense = csr_tensor(crow, col, values).to_dense()
+    new = csr_tensor(*permuted(crow, col, values, order))
+    torch.testing.assert_close(new.to_dense(), dense[order][:, order])
+    for r in range(8):  # columns ascending within each row, as CSR kernels expect
+        cols = new.col_indices()[new.crow_indices()[r] : new.crow_indices()[r + 1]]
+        assert torch.equal(cols, cols.sort().values)

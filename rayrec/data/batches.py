@@ -148,16 +148,31 @@ def pair_batches(
     rng: np.random.Generator,
     n_negatives: int = 1,
     exclude_positives: bool = True,
+    sampling: str = "edges",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled (user, positive, negatives) batches over every training interaction, for BPR-style losses.
+    """Shuffled (user, positive, negatives) batches for BPR-style losses, as many pairs per
+    epoch as there are training interactions.
 
-    exclude_positives: redraw a negative that is one of the user's training items (the
-    LightGCN reference's sampler); the exclusion index is built once per call (per epoch).
+    sampling: "edges" visits every training interaction once per epoch, in a seeded random
+    order (users weigh by their number of interactions); "users" is the LightGCN reference's
+    sampler: each pair draws a user uniformly among those with training items, then one of
+    that user's items uniformly (users weigh equally; interactions are drawn with
+    replacement). exclude_positives: redraw a negative that is one of the user's training
+    items (the reference does); the exclusion index is built once per call (per epoch).
     """
-    users = train.rows()
-    items = train.items
+    if sampling == "edges":
+        users = train.rows()
+        items = train.items
+        order = rng.permutation(len(items))
+    elif sampling == "users":
+        lengths = train.lengths()
+        active = np.flatnonzero(lengths > 0)
+        users = active[rng.integers(0, len(active), size=train.nnz)] if len(active) else np.zeros(0, dtype=np.int64)
+        items = train.items[train.indptr[users] + (rng.random(len(users)) * lengths[users]).astype(np.int64)]
+        order = np.arange(len(users))
+    else:
+        raise ValueError(f"sampling must be 'edges' or 'users', got {sampling!r}")
     exclude = ItemExclusion(train, n_items) if exclude_positives else None
-    order = rng.permutation(len(items))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield {

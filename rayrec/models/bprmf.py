@@ -25,6 +25,9 @@ class BPRMFConfig:
     reg: float = 1e-4  # L2 on the batch's ego embeddings, LightGCN-scaled: reg * 0.5 * ||.||^2 / batch
     negatives: int = 1  # uniform negatives per positive (anchors.md: the LightGCN protocol uses 1)
     init_std: float = 0.1  # normal init of the embeddings (field-lessons §5: ~0.1, not 0.01)
+    # Training pairs: "edges" = every interaction once per epoch; "users" = the LightGCN
+    # reference's sampler (a uniform user, then one of its items); see pair_batches.
+    sampling: str = "edges"
 
     def validate(self) -> None:
         check_graph_config(self)
@@ -40,6 +43,8 @@ def check_graph_config(cfg) -> None:
         raise UserError(f"model.negatives must be >= 1, got {cfg.negatives}")
     if not cfg.init_std > 0:
         raise UserError(f"model.init_std must be > 0, got {cfg.init_std}")
+    if cfg.sampling not in ("edges", "users"):
+        raise UserError(f"model.sampling must be 'edges' or 'users', got {cfg.sampling!r}")
 
 
 class BPRMF(RecModel):
@@ -59,7 +64,7 @@ class BPRMF(RecModel):
         return self.user_emb.weight, self.item_emb.weight
 
     def train_batches(self, data, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1):
-        return pair_batches(data.train, self.n_items, batch_size, rng, self.cfg.negatives)
+        return pair_batches(data.train, self.n_items, batch_size, rng, self.cfg.negatives, sampling=self.cfg.sampling)
 
     def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Final and ego embeddings of a batch's rows: (final users (B, C), final items (M, C),

@@ -22,6 +22,12 @@ from torch.nn import functional as F
 from rayrec.models import ops
 
 
+# Positions per chunk when only the last state is wanted (scoring). CPU: an activation of a
+# chunk is a few MB and stays in the last-level cache through a block (ML-1M test
+# evaluation, 6,040 users x 200 positions: see docs/benchmarks.md); GPU: no chunking.
+LAST_ONLY_POSITIONS = {"cpu": 1 << 14, "cuda": 1 << 30}
+
+
 class Block(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float, attn_dropout: float, ffn_mult: int):
         super().__init__()
@@ -102,7 +108,19 @@ class SequenceEncoder(nn.Module):
         self.apply(lambda m: _init(m, init_std))
 
     def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """seq: (B, L) -> (B, L, C) states; last_only: (B, C), the state at each row's last item."""
+        """seq: (B, L) -> (B, L, C) states; last_only: (B, C), the state at each row's last item.
+
+        last_only runs the rows in chunks of at most `LAST_ONLY_POSITIONS` positions, so the
+        activations of a chunk stay in cache (each row's result is the same either way).
+        """
+        if last_only:
+            budget = LAST_ONLY_POSITIONS.get(seq.device.type, LAST_ONLY_POSITIONS["cuda"])
+            rows = max(1, budget // max(1, seq.shape[1]))
+            if len(seq) > rows:
+                return torch.cat([self._forward(part, True) for part in seq.split(rows)])
+        return self._forward(seq, last_only)
+
+    def _forward(self, seq: torch.Tensor, last_only: bool) -> torch.Tensor:
         B, L = seq.shape
         real = seq != 0  # (B, L)
         n = real.sum(dim=1)  # (B,)
