@@ -544,3 +544,14 @@ def test_propagation_order_permutes_the_adjacency():
     for r in range(8):  # columns ascending within each row, as CSR kernels expect
         cols = new.col_indices()[new.crow_indices()[r] : new.crow_indices()[r + 1]]
         assert torch.equal(cols, cols.sort().values)
+
+
+def test_transposed_row_subset():
+    from rayrec.models.lightgcn import transposed
+
+    adj = normalized_adjacency(CSR.from_lists([[1, 2], [2, 3], [3]]), n_users=3, n_items=3)
+    rows = torch.tensor([4, 0, 5])
+    sub = row_subset(adj.crow_indices(), adj.col_indices(), adj.values(), rows)
+    t = transposed(sub.crow_indices(), sub.col_indices(), sub.values(), n_cols=6)
+    assert t.shape == (6, 3)
+    torch.testing.assert_close(t.to_dense(), adj.to_dense()[rows].T)
