@@ -93,7 +93,7 @@ def test_propagation_and_its_gradient_equal_the_dense_computation(layers):
     a[:4, 4:], a[4:, :4] = r, r.T
     d = a.sum(1).rsqrt()
     a_norm = d[:, None] * a * d[None, :]
-    ego = torch.cat([model.user_emb.weight, model.item_emb.weight]).detach().clone().requires_grad_(True)
+    ego = torch.cat(model.ego_embeddings()).detach().clone().requires_grad_(True)
     layer, total = ego, ego
     for _ in range(layers):
         layer = a_norm @ layer
@@ -105,7 +105,7 @@ def test_propagation_and_its_gradient_equal_the_dense_computation(layers):
     weights = torch.randn(8, 5)
     (torch.cat([users, items]) * weights).sum().backward()
     (dense * weights).sum().backward()
-    torch.testing.assert_close(torch.cat([model.user_emb.weight.grad, model.item_emb.weight.grad]), ego.grad)
+    torch.testing.assert_close(model.ego.grad[model.node_rank], ego.grad)  # the table is in propagation order
 
 
 def test_adjacency_lives_in_buffers_outside_the_state_dict():
@@ -172,7 +172,8 @@ def test_batch_propagation_equals_indexing_the_full_propagation(layers, negative
     u = user_final[users]
     neg_score, pos_score = torch.einsum("bc,bkc->bk", u, item_final[neg]), (u * item_final[pos]).sum(-1)
     bpr = F.softplus(neg_score.float() - pos_score.float()[:, None]).mean()  # the model's loss is float32
-    ego = model.user_emb(users).pow(2).sum() + model.item_emb(pos).pow(2).sum() + model.item_emb(neg).pow(2).sum() / negatives
+    user_ego, item_ego = model.ego_embeddings()
+    ego = user_ego[users].pow(2).sum() + item_ego[pos].pow(2).sum() + item_ego[neg].pow(2).sum() / negatives
     (bpr + 1e-2 * (0.5 * ego / len(users)).float()).backward()
     for got, want in zip(fast, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
@@ -327,9 +328,10 @@ def test_l2_term_is_lightgcn_scaled_on_the_ego_embeddings(model_cls, config_cls)
         plain = model.loss(batch)  # the batch carries its negatives, so the loss is deterministic
         model.cfg.reg = reg
         delta = model.loss(batch) - plain
-        u = model.user_emb.weight[batch["users"]]
-        p = model.item_emb.weight[batch["pos"] - 1]
-        n = model.item_emb.weight[batch["neg"] - 1]
+        user_ego, item_ego = model.ego_embeddings()
+        u = user_ego[batch["users"]]
+        p = item_ego[batch["pos"] - 1]
+        n = item_ego[batch["neg"] - 1]
         expected = reg * 0.5 * (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / len(batch["users"])
     torch.testing.assert_close(delta, expected)
 
@@ -555,3 +557,16 @@ def test_transposed_row_subset():
     t = transposed(sub.crow_indices(), sub.col_indices(), sub.values(), n_cols=6)
     assert t.shape == (6, 3)
     torch.testing.assert_close(t.to_dense(), adj.to_dense()[rows].T)
+
+
+def test_lightgcn_table_starts_as_bprmf_tables():
+    """LightGCN keeps one table in propagation order; with the same seed it starts from
+    exactly BPR-MF's two tables, and ego_embeddings() gives them back in id order."""
+    data = planted()
+    torch.manual_seed(3)
+    mf = BPRMF(BPRMFConfig(hidden=6), data)
+    torch.manual_seed(3)
+    gcn = LightGCN(LightGCNConfig(hidden=6), data)
+    for a, b in zip(mf.ego_embeddings(), gcn.ego_embeddings()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [name for name, _ in gcn.named_parameters()] == ["ego"]

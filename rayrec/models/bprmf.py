@@ -59,6 +59,10 @@ class BPRMF(RecModel):
         nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def ego_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned (ego) embeddings in id order: (users (U, C), items (N, C))."""
+        return self.user_emb.weight, self.item_emb.weight
+
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(users (U, C), items (N, C)) that scores are dot products of; MF uses the ego embeddings."""
         return self.user_emb.weight, self.item_emb.weight

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from rayrec.data.types import CSR
 from rayrec.errors import UserError
@@ -164,6 +165,18 @@ class LightGCN(BPRMF):
         # order[i]: the node at position i of the propagation order; rank: its inverse.
         self.register_buffer("node_order", order, persistent=False)
         self.register_buffer("node_rank", torch.argsort(order), persistent=False)
+        # One table of ego embeddings, users then items, stored in propagation order, so a
+        # step neither concatenates nor permutes the tables (three full-table passes).
+        # Initialised exactly as BPR-MF's two tables.
+        with torch.no_grad():
+            table = torch.cat([self.user_emb.weight, self.item_emb.weight])[order]
+        del self.user_emb, self.item_emb
+        self.ego = nn.Parameter(table)  # (U + N, C)
+
+    def ego_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ego embeddings in id order: (users (U, C), items (N, C)); differentiable."""
+        ego = self.ego[self.node_rank]
+        return ego[: self.n_users], ego[self.n_users :]
 
     @property
     def adj(self) -> torch.Tensor:
@@ -173,7 +186,7 @@ class LightGCN(BPRMF):
 
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Propagate the ego embeddings K layers over the graph and average the layers."""
-        ego = torch.cat([self.user_emb.weight, self.item_emb.weight])[self.node_order]  # (U + N, C), propagation order
+        ego = self.ego  # (U + N, C), propagation order
         # In the weights' dtype even under autocast: the sparse products are memory-bound, and
         # low-precision sparse kernels are not available everywhere.
         adj = self.adj
@@ -191,12 +204,11 @@ class LightGCN(BPRMF):
         Equal to indexing `final_embeddings()`, with less sparse work: the last layer is
         propagated to the batch's nodes only (see PropagateRows).
         """
-        nodes = torch.cat([users, items + self.n_users])  # (B + M,) graph nodes
-        rows, where = torch.unique(nodes, return_inverse=True)  # (R,) sorted distinct nodes
-        ego = torch.cat([self.user_emb.weight, self.item_emb.weight])  # (U + N, C)
-        with torch.autocast(ego.device.type, enabled=False):
+        nodes = self.node_rank[torch.cat([users, items + self.n_users])]  # (B + M,) positions in propagation order
+        rows, where = torch.unique(nodes, return_inverse=True)  # (R,) sorted distinct positions
+        with torch.autocast(self.ego.device.type, enabled=False):
             final, ego_rows = PropagateRows.apply(
-                ego, rows, self.adj_crow, self.adj_col, self.adj_values, self.node_order, self.node_rank, self.cfg.layers
+                self.ego, rows, self.adj_crow, self.adj_col, self.adj_values, self.cfg.layers
             )  # (R, C) each
         b = users.shape[0]
         return final[where[:b]], final[where[b:]], ego_rows[where[:b]], ego_rows[where[b:]]
@@ -225,7 +237,8 @@ def transposed(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_co
 
 
 class PropagateRows(torch.autograd.Function):
-    """Rows `rows` of LightGCN's final embeddings (E0 + A E0 + ... + A^K E0) / (K + 1) and of E0.
+    """Rows `rows` of LightGCN's final embeddings (E0 + A E0 + ... + A^K E0) / (K + 1) and of E0,
+    everything (E0, rows, the adjacency) in propagation order.
 
     Layer K is only needed on `rows`, so the forward costs K - 1 full sparse products plus
     A[rows] @ E_{K-1} (about a sixth of one on a Gowalla batch). A is symmetric, so the
@@ -237,39 +250,35 @@ class PropagateRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ego: torch.Tensor, rows: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                values: torch.Tensor, order: torch.Tensor, rank: torch.Tensor,
-                layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # ego and rows in node order; the adjacency (crow, col, values) in propagation order.
+                values: torch.Tensor, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         adj = csr_tensor(crow, col, values)
         ego_rows = ego[rows]  # (R, C)
-        at = rank[rows]  # (R,) the rows' positions in propagation order
-        layer, total = ego.index_select(0, order), ego_rows
+        layer, total = ego, ego_rows
         for _ in range(layers - 1):
             layer = spmm(adj, layer)  # (n, C)
-            total = total + layer[at]
-        sub = row_subset(crow, col, values, at)  # A[at] (R, n)
+            total = total + layer[rows]
+        sub = row_subset(crow, col, values, rows)  # A[rows] (R, n)
         total = total + spmm(sub, layer)
-        ctx.save_for_backward(rows, at, rank, crow, col, values, sub.crow_indices(), sub.col_indices(), sub.values())
+        ctx.save_for_backward(rows, crow, col, values, sub.crow_indices(), sub.col_indices(), sub.values())
         ctx.layers = layers
         return total / (layers + 1), ego_rows
 
     @staticmethod
     def backward(ctx, grad_final: torch.Tensor, grad_ego: torch.Tensor):
-        rows, at, rank, crow, col, values, sub_crow, sub_col, sub_values = ctx.saved_tensors
+        rows, crow, col, values, sub_crow, sub_col, sub_values = ctx.saved_tensors
         adj = csr_tensor(crow, col, values)
         g = grad_final / (ctx.layers + 1)  # (R, C)
-        # A G, G = g scattered to rows `at`: only A's columns `at` meet a nonzero, and by
-        # symmetry those are A[at]^T, a sixth of A's entries on a Gowalla batch.
+        # A G, G = g scattered to `rows`: only A's columns `rows` meet a nonzero, and by
+        # symmetry those are A[rows]^T, a sixth of A's entries on a Gowalla batch.
         grad = spmm(transposed(sub_crow, sub_col, sub_values, crow.shape[0] - 1), g)  # (n, C)
-        # grad[at] += g (distinct positions): index_put_ rather than index_add_, whose CPU
+        # grad[rows] += g (rows are distinct): index_put_ rather than index_add_, whose CPU
         # kernel is about ten times slower here (measured on Gowalla).
         for _ in range(ctx.layers - 1):
-            grad.index_put_((at,), g, accumulate=True)
+            grad.index_put_((rows,), g, accumulate=True)
             grad = spmm(adj, grad)
-        grad.index_put_((at,), g, accumulate=True)
-        grad = grad.index_select(0, rank)  # back to node order
+        grad.index_put_((rows,), g, accumulate=True)
         grad.index_put_((rows,), grad_ego, accumulate=True)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 SPEC = ModelSpec(
