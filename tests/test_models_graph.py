@@ -377,6 +377,7 @@ def test_registry_and_training_defaults(name):
 
 @pytest.mark.parametrize("key,value", [
     ("model.hidden", 0), ("model.reg", -1.0), ("model.negatives", 0), ("model.init_std", 0.0),
+    ("model.sampling", "items"),
 ])
 @pytest.mark.parametrize("name", ["lightgcn", "bprmf"])
 def test_config_validation(name, key, value):
