@@ -234,7 +234,10 @@ def narrow(
     min_importance_trials: int = typer.Option(10, "--min-importance-trials", help="Fewest completed trials to compute importance from (else nothing is frozen)."),
 ) -> None:
     """Write the next stage's search space (next_space.yaml), robust.yaml and diagnostics from a finished sweep."""
-    from rayrec.tune.analysis import export_robust, load_results, narrow_space, write_diagnostics, write_narrowing
+    from rayrec.experiment import DIAGNOSTICS_FILE
+    from rayrec.tune.diagnostics import write_diagnostics
+    from rayrec.tune.narrow import export_robust, narrow_space, write_narrowing
+    from rayrec.tune.results import load_results
 
     results = load_results(sweep_dir, storage)
     narrowing = narrow_space(results, top_fraction=top_fraction, threshold=threshold, min_trials=min_trials,
@@ -253,7 +256,7 @@ def narrow(
     for key, change in narrowing.changes.items():
         echo(f"  {key}: {change}")
     flagged = int((diagnostics["flags"] != "").sum()) if len(diagnostics) else 0
-    echo(f"diagnostics: {flagged} of {len(diagnostics)} trials flagged ({results.file('diagnostics.parquet')})")
+    echo(f"diagnostics: {flagged} of {len(diagnostics)} trials flagged ({results.file(DIAGNOSTICS_FILE)})")
     echo(f"robust config (top {top_k} averaged): {robust}")
     echo(f"next space ({narrowing.next_stage or 'no stage'}): {url}")
     echo(f"next: rayrec sweep {results.model} --from {results.experiment}")

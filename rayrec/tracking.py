@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "off")
 TIMEOUT_S = float(os.environ.get("RAYREC_WANDB_TIMEOUT_S", "60"))
-SWEEP_FILE = "wandb_sweep.yaml"  # the registered W&B sweep, so a resume joins the same one
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -263,9 +262,10 @@ def wandb_sweep_config(plan: Any) -> dict[str, Any]:
 
 def registered_sweep(plan: Any) -> str | None:
     """The W&B sweep id of this rayrec sweep, registering it on first use; None when W&B is unreachable."""
+    from rayrec.experiment import WANDB_SWEEP_FILE
     from rayrec.storage import exists, join, read_yaml, write_yaml
 
-    record = join(plan.experiment, SWEEP_FILE)
+    record = join(plan.experiment, WANDB_SWEEP_FILE)
     try:
         if exists(record):
             return read_yaml(record).get("sweep_id")
@@ -338,7 +338,7 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     api_key = os.environ.get("WANDB_API_KEY") if mode == "online" else None
 
     task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
-    from rayrec.tune.analysis import plain
+    from rayrec.storage import plain
 
     ref = task.remote(init, plain(summary), table.to_dict("list"), api_key)
     done, _ = ray.wait([ref], timeout=TIMEOUT_S)

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from rayrec.cli import app
 from rayrec.errors import UserError
 from rayrec.train.trainer import lr_factor
-from rayrec.tune.analysis import (
-    diagnose, export_robust, load_results, narrow_param, narrow_space, parameter_importance, pbt_lineage,
-    robust_params, write_narrowing,
-)
 from rayrec.tune.confirm import confirmation_stats, with_validation_in_train
+from rayrec.tune.diagnostics import diagnose, pbt_lineage
+from rayrec.tune.importance import parameter_importance
+from rayrec.tune.narrow import export_robust, narrow_param, narrow_space, robust_params, write_narrowing
+from rayrec.tune.results import load_results
 from rayrec.tune.space import Param, load_space
 
 SPACE = {
@@ -118,7 +118,7 @@ def test_narrowing_without_padding_is_exactly_the_top_trials_range():
 def test_narrow_freezes_unimportant_parameters_and_writes_a_loadable_space(tmp_path):
     rng = np.random.default_rng(0)
     trials = []
-    for i in range(30):
+    for _ in range(30):
         lr = 10 ** rng.uniform(-5, -1)
         value = 0.4 - 0.04 * (math.log10(lr) + 3) ** 2
         trials.append(dict(value=value, config=config(lr, rng.uniform(0.1, 0.5), 2, "ce", 0.05)))

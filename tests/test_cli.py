@@ -19,7 +19,7 @@ def run(*args, **kwargs):
 
 def assert_user_error(result, *fragments):
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: ")
     assert "Traceback" not in result.output

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from rayrec.cli import app
 from rayrec.errors import UserError
-from rayrec.storage import check_writable, display, pyarrow_filesystem, split_url, storage_environment
+from rayrec.storage import check_writable, display, split_url, storage_environment
+from rayrec.tune.storage_handoff import pyarrow_filesystem
 
 BUCKET = "rayrec-test"
 SECRET = "rayrec-test-secret-6b1f0c2a9e"

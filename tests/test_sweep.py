@@ -252,7 +252,7 @@ def _finished_trials(experiment, max_epochs: int) -> set[str]:
         result_file = trial_dir / "result.json"
         if not result_file.exists():
             continue
-        lines = [json.loads(l) for l in result_file.read_text().splitlines() if l.strip()]
+        lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         if lines and lines[-1].get("epoch") == max_epochs:
             done.add(lines[-1]["trial_id"])
     return done
@@ -265,8 +265,8 @@ def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
 
     from ray import tune
 
+    from rayrec.experiment import REPORTS_FILE
     from rayrec.tune.sweep import _with_checkpoint_reports
-    from rayrec.tune.trainable import REPORTS_FILE
 
     ckpt = tmp_path / "checkpoint_000002"
     ckpt.mkdir()

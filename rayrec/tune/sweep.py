@@ -19,12 +19,21 @@ import datetime as dt
 import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rayrec.config import build_config, flatten, load_yaml, parse_overrides, unflatten
 from rayrec.errors import UserError, did_you_mean, first_line
+from rayrec.experiment import (
+    BEST_FILE,
+    HISTORY_FILE,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    TRIALS_FILE,
+    default_storage,
+    known_sweeps_hint,
+    next_space_source,
+)
 from rayrec.tune.space import SCHEDULERS, SEARCHES, SearchSpace, diff_spaces, load_space, parse_space
 
 log = logging.getLogger(__name__)
@@ -34,12 +43,7 @@ DEFAULTS = {
     "reduction_factor": 3, "search": "hyperopt", "scheduler": "asha", "perturbation_interval": 2,
     "quantile_fraction": 0.25, "checkpoint_every": 1,
 }
-SPEC_FILE = "sweep.yaml"
 REUSE_ACTORS = True  # module-level so bench/sweep_overhead.py can measure the alternative
-
-
-def default_storage() -> str:
-    return os.environ.get("RAYREC_STORAGE") or os.path.abspath("sweeps")
 
 
 @dataclass
@@ -109,8 +113,6 @@ def plan_sweep(opts: SweepOptions) -> Plan:
 
     space_file, from_base = opts.space, None
     if opts.from_sweep:
-        from rayrec.tune.analysis import next_space_source
-
         if opts.space:
             raise UserError("--from and --space both name a search space; pass one of them")
         space_file, from_base = next_space_source(opts.from_sweep, opts.storage)
@@ -257,8 +259,7 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
         plan = plan_sweep(opts)
     from rayrec.data import load_split
     from rayrec.models import check_model_data
-    from rayrec.storage import check_writable, exists, join, read_yaml, write_yaml
-
+    from rayrec.storage import check_writable, exists, join, write_yaml
     from rayrec.tracking import wandb_mode
 
     plan.options.wandb = wandb_mode(plan.options.wandb)  # resolved once, before Ray: bad values exit 2 here
@@ -313,16 +314,14 @@ def spec_record(plan: Plan, data) -> dict[str, Any]:
 
 def plan_resume(opts: SweepOptions) -> Plan:
     """Rebuild the plan of an existing sweep from its sweep.yaml; refuse a changed space."""
-    from rayrec.storage import exists, join, read_yaml, split_url
+    from rayrec.storage import exists, join, read_yaml
 
     if not opts.name:
         raise UserError("--resume needs --name NAME of the sweep to continue")
     storage = opts.storage or default_storage()
     experiment = join(storage, opts.name)
     if not exists(join(experiment, SPEC_FILE)):
-        known = _known_sweeps(storage)
-        hint = f"; sweeps in {storage}: {', '.join(known)}" if known else f"; {storage} holds no sweeps"
-        raise UserError(f"no sweep named '{opts.name}' to resume{hint}")
+        raise UserError(f"no sweep named '{opts.name}' to resume; {known_sweeps_hint(storage)}")
     spec = read_yaml(join(experiment, SPEC_FILE))
     space = parse_space(spec["space"], source=f"{experiment}/{SPEC_FILE}")
     if opts.space is not None or opts.model is not None:
@@ -343,21 +342,10 @@ def plan_resume(opts: SweepOptions) -> Plan:
                 base=spec["base"], settings=spec["settings"], options=saved)
 
 
-def _known_sweeps(storage: str) -> list[str]:
-    from rayrec.storage import split_url
-
-    try:
-        fs, path = split_url(storage)
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-        return sorted(n for n in names if fs.exists(f"{path}/{n}/{SPEC_FILE}"))[:10]
-    except Exception:
-        return []
-
-
 def _fit(plan: Plan, data):
     from ray import tune
 
-    from rayrec.storage import pyarrow_filesystem
+    from rayrec.tune.storage_handoff import pyarrow_filesystem
     from rayrec.tune.trainable import train_trial
 
     s, opts = plan.settings, plan.options
@@ -467,23 +455,11 @@ def _callbacks(plan: Plan) -> list:
 
 
 # --- results ----------------------------------------------------------------------------
-def classify(last: dict[str, Any], error: bool, max_epochs: int) -> str:
-    """Why a trial stopped: errored, early_stopped (patience), finished (max epochs) or pruned (scheduler)."""
-    if error:
-        return "errored"
-    reason = last.get("stop_reason") or ""
-    if reason in ("early_stopped", "finished"):
-        return reason
-    if int(last.get("epoch", 0) or 0) >= max_epochs:
-        return "finished"
-    return "pruned"
-
-
 def export_results(plan: Plan, results, data) -> SweepResult:
     import pandas as pd
 
-    from rayrec.storage import join, to_url, write_parquet, write_yaml
-    from rayrec.tune.analysis import plain
+    from rayrec.storage import join, plain, to_url, write_parquet, write_yaml
+    from rayrec.tune.results import classify
     from rayrec.tune.trainable import evaluate_checkpoint_on_test, resolve_trial_config
 
     s = plan.settings
@@ -529,8 +505,8 @@ def export_results(plan: Plan, results, data) -> SweepResult:
     trials = pd.DataFrame(rows)
     history_frame = pd.concat(history, ignore_index=True) if history else pd.DataFrame()
     history_frame = _clean_history(history_frame)
-    write_parquet(join(plan.experiment, "trials.parquet"), trials)
-    write_parquet(join(plan.experiment, "history.parquet"), history_frame)
+    write_parquet(join(plan.experiment, TRIALS_FILE), trials)
+    write_parquet(join(plan.experiment, HISTORY_FILE), history_frame)
 
     best: dict[str, Any] = {}
     if best_result is not None:
@@ -540,7 +516,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
         resolved_dict = resolved.to_dict()
         if plan.settings["scheduler"] == "pbt":
             resolved_dict["train"]["device"] = last.get("device", "cpu")
-        write_yaml(join(plan.experiment, "best.yaml"), resolved_dict)
+        write_yaml(join(plan.experiment, BEST_FILE), resolved_dict)
         best = {
             "trial_id": last.get("trial_id"),
             "metric": metric,
@@ -566,7 +542,7 @@ def export_results(plan: Plan, results, data) -> SweepResult:
         "best": plain(best),
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_yaml(join(plan.experiment, "summary.yaml"), summary)
+    write_yaml(join(plan.experiment, SUMMARY_FILE), summary)
     return SweepResult(experiment=plan.experiment, trials=trials, history=history_frame, best=best,
                        searched=list(plan.space.params), mode=s["mode"])
 
@@ -624,6 +600,8 @@ def _finite(v) -> bool:
 
 def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
     """The `top` trials, best first under the sweep's mode, then the status counts."""
+    from rayrec.tune.results import format_value
+
     trials = result.trials
     if not len(trials):
         return "no trials"
@@ -634,14 +612,8 @@ def summary_table(result: SweepResult, metric: str, top: int = 10) -> str:
     header = f"{'trial':<14}{'status':<14}{'epochs':>6}  {metric:>10}  " + "  ".join(c.split('/', 1)[1] for c in cfg_cols)
     lines = [header]
     for _, r in ordered.iterrows():
-        params = "  ".join(_fmt(r[c]) for c in cfg_cols)
+        params = "  ".join(format_value(r[c], digits=3, quote=False) for c in cfg_cols)
         lines.append(f"{str(r['trial_id']):<14}{r['status']:<14}{int(r['epochs']):>6}  {r[col]:>10.4f}  {params}")
     counts = trials["status"].value_counts().to_dict()
     lines.append("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,13 +28,11 @@ from ray import get_runtime_context, tune
 
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
-from rayrec.errors import UserError
+from rayrec.experiment import REPORTS_FILE, STATE_FILE
 from rayrec.train.trainer import Trainer, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer.pt"
-REPORTS_FILE = "reports.json"  # beside STATE_FILE: every report of the trial's lineage so far
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -257,8 +254,3 @@ def evaluate_checkpoint_on_test(checkpoint_dir: str, resolved: dict[str, Any], d
     if trainer.best_state:
         trainer.model.load_state_dict(trainer.best_state)
     return trainer.test_report()
-
-
-def state_digest(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
