@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -60,21 +60,10 @@ def resolve_cli_config(
     seed: Optional[int] = None,
     epochs: Optional[int] = None,
 ):
-    """One resolution path for every command: --config file, then --data/--seed/--epochs, then --set."""
-    from rayrec.config import build_config, load_yaml, parse_overrides
+    """One resolution path for every command (rayrec.config.command_layers, then build_config)."""
+    from rayrec.config import build_config, command_layers
 
-    base = load_yaml(config) if config else {}
-    overrides: dict[str, Any] = {}
-    if data is not None:
-        overrides["data.name"] = data
-    if data_format is not None:
-        overrides["data.format"] = data_format
-    if seed is not None:
-        overrides["train.seed"] = seed
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    overrides.update(parse_overrides(sets))
-    return build_config(model, base, overrides)
+    return build_config(model, *command_layers(config, data, data_format, sets, seed, epochs))
 
 
 def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr@10", "coverage@10"),
@@ -196,7 +185,7 @@ def sweep(
         wandb=wandb, seed=seed, resume=resume, verbose=verbose, evaluate_test=not no_test,
     )
     result = run_sweep(opts)
-    metric = result.best.get("metric", "val_ndcg@10").removeprefix("val_")
+    metric = result.metric
     echo(summary_table(result, metric))
     if result.best:
         echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}")

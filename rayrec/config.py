@@ -24,7 +24,10 @@ from typing import Any, Literal
 from rayrec.data.config import DataConfig  # lives in the data package, which never imports this module
 from rayrec.errors import UserError, did_you_mean
 
-__all__ = ["Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
+__all__ = ["DEFAULT_METRIC", "Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
+
+# The validation metric runs select on and sweeps optimise unless told otherwise (the one place it is written).
+DEFAULT_METRIC = "ndcg@10"
 
 
 @dataclass
@@ -53,7 +56,7 @@ class TrainConfig:
     cpu_amp: bool = False
     patience: int = 10  # early stopping: epochs without improvement of `metric` by > min_delta
     min_delta: float = 0.0
-    metric: str = "ndcg@10"  # validation metric for early stopping and model selection
+    metric: str = DEFAULT_METRIC  # validation metric for early stopping and model selection
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs for HR/NDCG/MRR/recall/coverage
     eval_batch_size: int = 512  # users per full-ranking batch
     sampled_negatives: int = 0  # >0 adds sampled metrics (target among N unseen items), keys prefixed 'sampled_'
@@ -182,6 +185,43 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def overlay(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`base` (model/data/train mappings) with dotted `overrides` set on top: a value replaces
+    the base's whole value, mappings such as data.columns included."""
+    sections = {name: dict(base.get(name) or {}) for name in ("model", "data", "train")}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or not key:
+            raise UserError(f"unknown key '{dotted}'; keys look like model.<field>, data.<field> or train.<field>")
+        sections[section][key] = value
+    return sections
+
+
+def command_layers(
+    config_file: str | None = None,
+    data: str | None = None,
+    data_format: str | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    seed: int | None = None,
+    epochs: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The layers a command line adds above the defaults, for `rayrec train` and `rayrec sweep`
+    alike: (the --config file's mapping, dotted overrides from --data, --format, --seed,
+    --epochs and then --set, which wins)."""
+    base = load_yaml(config_file) if config_file else {}
+    overrides: dict[str, Any] = {}
+    if data is not None:
+        overrides["data.name"] = data
+    if data_format is not None:
+        overrides["data.format"] = data_format
+    if seed is not None:
+        overrides["train.seed"] = seed
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    overrides.update(parse_overrides(list(sets)))
+    return base, overrides
+
+
 def build_config(
     model_name: str | None = None,
     base: dict[str, Any] | None = None,
@@ -215,11 +255,7 @@ def build_config(
         raise UserError("no model given; pass one (e.g. `rayrec train sasrec`) or set model.name in --config")
     spec = get_model_spec(name)
 
-    for dotted, value in overrides.items():
-        section, _, key = dotted.partition(".")
-        if section not in sections or not key:
-            raise UserError(f"unknown key '{dotted}'; keys look like model.<field>, data.<field> or train.<field>")
-        sections[section][key] = value
+    sections = overlay(sections, overrides)
 
     train_values = {**spec.train_defaults, **sections["train"]}
     model_cfg = _make(spec.config_cls, sections["model"], "model")

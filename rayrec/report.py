@@ -149,9 +149,9 @@ def rung_survival(results) -> bytes:
     ax.bar(epochs, alive, color="tab:blue", alpha=0.8)
     for e, n in zip(epochs, alive):
         ax.annotate(str(n), (e, n), ha="center", va="bottom", fontsize=7)
-    settings = results.spec.get("settings", {})
+    settings = results.settings
     if results.scheduler == "asha":
-        rung, rf = float(settings.get("grace_period", 1)), float(settings.get("reduction_factor", 3))
+        rung, rf = float(settings.grace_period), float(settings.reduction_factor)
         first = True
         while rung < top:
             ax.axvline(rung + 0.5, color="tab:red", linestyle="--", linewidth=1, label="ASHA rung" if first else None)
@@ -299,7 +299,7 @@ img { max-width: 100%; border: 1px solid #eee; }
 def render_html(results, ranked, figures, importance, diagnostics, lineage, confirm_stats, final, narrow) -> str:
     e = html.escape
     spec = results.spec
-    settings = spec.get("settings", {})
+    settings = results.settings
     counts = results.trials["status"].value_counts().to_dict()
     dataset = spec.get("dataset", {})
     best = ranked.iloc[0]
@@ -312,8 +312,8 @@ def render_html(results, ranked, figures, importance, diagnostics, lineage, conf
         _row("model", results.model),
         _row("dataset", f"{dataset.get('name', '?')} (fingerprint {str(dataset.get('fingerprint', ''))[:12]})"),
         _row("stage", (spec.get("options") or {}).get("stage") or "-"),
-        _row("search / scheduler", f"{settings.get('search')} / {settings.get('scheduler')}"),
-        _row("budget", f"{settings.get('num_samples')} trials x {settings.get('max_epochs')} epochs"),
+        _row("search / scheduler", f"{settings.search} / {settings.scheduler}"),
+        _row("budget", f"{settings.num_samples} trials x {settings.max_epochs} epochs"),
         _row("trials", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))),
         _row("best trial", f"{best['trial_id']}: {results.value_col} {float(best[results.value_col]):.4f}"),
         "</table>",

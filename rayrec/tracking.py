@@ -102,7 +102,7 @@ def _is_staging(plan: Any) -> bool:
 
 def tags(plan: Any) -> list[str]:
     dataset = str((plan.base.get("data") or {}).get("name", "synthetic"))
-    return [plan.model, dataset, plan.settings["scheduler"], plan.settings["search"]]
+    return [plan.model, dataset, plan.settings.scheduler, plan.settings.search]
 
 
 # --- per-trial runs ---------------------------------------------------------------------
@@ -237,10 +237,10 @@ def _callback_class():
 def wandb_sweep_config(plan: Any) -> dict[str, Any]:
     """The sweep in W&B's sweep-config format (what its Sweeps view shows); W&B proposes nothing."""
     s = plan.settings
-    method = {"hyperopt": "bayes", "random": "random", "grid": "grid"}.get(s["search"], "random")
+    method = {"hyperopt": "bayes", "random": "random", "grid": "grid"}.get(s.search, "random")
     params: dict[str, Any] = {}
     for key, p in plan.space.params.items():
-        if s["search"] == "grid":
+        if s.search == "grid":
             params[key] = {"values": p.grid_values()}
         elif p.dist == "choice":
             params[key] = {"values": list(p.values)}
@@ -253,10 +253,10 @@ def wandb_sweep_config(plan: Any) -> dict[str, Any]:
     return {
         "name": plan.name,
         "method": method,
-        "metric": {"name": f"val_{s['metric']}", "goal": "maximize" if s["mode"] == "max" else "minimize"},
+        "metric": {"name": s.tune_metric, "goal": "maximize" if s.mode == "max" else "minimize"},
         "parameters": params,
         "controller": {"type": "local"},  # rayrec's Ray Tune search proposes the configs, not W&B
-        "description": f"rayrec sweep {plan.name}: {plan.model}, {s['search']} search, {s['scheduler']} scheduler",
+        "description": f"rayrec sweep {plan.name}: {plan.model}, {s.search} search, {s.scheduler} scheduler",
     }
 
 

@@ -287,7 +287,7 @@ def test_sweep_from_uses_the_narrowed_space_and_the_sweeps_base(tmp_path):
     write_narrowing(results, narrow_space(results, threshold=0.0))
     plan = plan_sweep(SweepOptions(model="sasrec", from_sweep="hand", storage=str(tmp_path)))
     assert plan.space.params["model.loss"].values == ["ce", "bce"]
-    assert plan.settings["num_samples"] == 24 and plan.settings["max_epochs"] == 12  # the medium stage
+    assert plan.settings.num_samples == 24 and plan.settings.max_epochs == 12  # the medium stage
     assert plan.base["model"]["hidden"] == 16 and plan.base["data"]["synthetic_users"] == 150
     assert plan.base["train"]["epochs"] == 12
     with pytest.raises(UserError, match="--from and --space"):

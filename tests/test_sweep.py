@@ -266,7 +266,7 @@ def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
     from ray import tune
 
     from rayrec.experiment import REPORTS_FILE
-    from rayrec.tune.sweep import _with_checkpoint_reports
+    from rayrec.tune.export import _with_checkpoint_reports
 
     ckpt = tmp_path / "checkpoint_000002"
     ckpt.mkdir()

@@ -95,7 +95,8 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
     import pandas as pd
 
     from rayrec.storage import write_parquet, write_yaml
-    from rayrec.tune.sweep import check_resources, connect_ray
+    from rayrec.tune.trainable import trial_threads
+    from rayrec.tune.tuner import check_resources, connect_ray
 
     if opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
         raise UserError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {opts.cpus_per_trial}/{opts.gpus_per_trial}")
@@ -112,7 +113,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
     if data is not None:
         data_refs[repr(sorted(cands[0].config["data"].items()))] = ray.put(data)
     task = ray.remote(_train_one).options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial, max_retries=0)
-    threads = max(1, int(math.ceil(opts.cpus_per_trial)))
+    threads = trial_threads(opts.cpus_per_trial)
     pending = {}
     for cand, seed in jobs:
         key = repr(sorted(cand.config["data"].items()))

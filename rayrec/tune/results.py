@@ -21,6 +21,7 @@ from typing import Any
 from rayrec.errors import UserError
 from rayrec.experiment import HISTORY_FILE, SPEC_FILE, TRIALS_FILE, resolve_experiment
 from rayrec.storage import plain
+from rayrec.tune.settings import SweepSettings
 from rayrec.tune.space import SearchSpace, parse_space
 
 COMPLETED = ("finished", "early_stopped", "pruned")
@@ -54,20 +55,25 @@ class SweepResults:
         return self.spec["model"]
 
     @property
+    def settings(self) -> SweepSettings:
+        """The sweep's recorded settings (sweep.yaml `settings:`), defaults for keys it lacks."""
+        return SweepSettings.from_dict(self.spec.get("settings"))
+
+    @property
     def metric(self) -> str:
-        return self.spec.get("settings", {}).get("metric", "ndcg@10")
+        return self.settings.metric
 
     @property
     def mode(self) -> str:
-        return self.spec.get("settings", {}).get("mode", "max")
+        return self.settings.mode
 
     @property
     def scheduler(self) -> str:
-        return self.spec.get("settings", {}).get("scheduler", "")
+        return self.settings.scheduler
 
     @property
     def max_epochs(self) -> int:
-        return int(self.spec.get("settings", {}).get("max_epochs", 0) or 0)
+        return int(self.settings.max_epochs or 0)
 
     @property
     def value_col(self) -> str:

@@ -61,6 +61,11 @@ def trial_device() -> tuple[str, list]:
     return "cpu", gpu_ids
 
 
+def trial_threads(cpus_per_trial: float) -> int:
+    """A trial's torch thread count: its CPUs rounded up, so trials never oversubscribe cores."""
+    return max(1, int(math.ceil(cpus_per_trial)))
+
+
 def resolve_trial_config(model: str, base: dict[str, Any], sampled: dict[str, Any], threads: int, device: str):
     """The fully resolved config a trial trains with, device and thread count included, so
     `rayrec train --config best.yaml` repeats the trial exactly (field-lessons §2)."""
@@ -86,7 +91,7 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     device, gpu_ids = trial_device()
-    threads = max(1, int(math.ceil(cpus_per_trial)))
+    threads = trial_threads(cpus_per_trial)
     cfg = resolve_trial_config(model, base or {}, config, threads, device)
     torch.set_num_threads(cfg.train.num_threads)
     trainer = Trainer(cfg, data, device=device)
