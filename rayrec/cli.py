@@ -142,10 +142,10 @@ def train(
 @app.command()
 @user_errors
 def sweep(
-    model: Optional[str] = typer.Argument(None, help="Model to tune; its space is search_spaces/<model>.yaml unless --space."),
+    model: Optional[str] = typer.Argument(None, help="Model to tune; its space is the shipped rayrec/search_spaces/<model>.yaml unless --space."),
     stage: Optional[str] = typer.Option(None, "--stage", help="smoke | quick | medium: budgets from the space's stages."),
     from_sweep: Optional[str] = typer.Option(None, "--from", help="Start from SWEEP's narrowed space (`rayrec narrow SWEEP`) and base config."),
-    space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default search_spaces/<model>.yaml)."),
+    space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default: the shipped rayrec/search_spaces/<model>.yaml)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     data_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Base config YAML every trial starts from."),

@@ -107,7 +107,7 @@ def test_every_model_trains_through_rayrec_train_and_logs_coverage(tmp_path, mod
 @pytest.mark.parametrize("model", list(TINY_MODEL))
 def test_every_model_sweeps_through_rayrec_sweep_with_its_shipped_space(ray_session, tmp_path, model):
     storage = tmp_path / "sweeps"
-    # The shipped space (search_spaces/<model>.yaml) is sampled; --set values it does not search stay.
+    # The shipped space (rayrec/search_spaces/<model>.yaml) is sampled; --set values it does not search stay.
     result = run("sweep", model, "--name", "smoke", "--storage", storage, "--search", "random", "--scheduler", "fifo",
                  "--num-samples", 1, "--max-epochs", 1, "--cpus-per-trial", 0.5, "--wandb", "off", "--verbose", 0,
                  *tiny(model))

@@ -27,7 +27,7 @@ class SweepOptions:
     model: str | None = None
     name: str | None = None
     storage: str | None = None
-    space: str | None = None  # search-space YAML; default search_spaces/<model>.yaml
+    space: str | None = None  # search-space YAML; default rayrec/search_spaces/<model>.yaml
     stage: str | None = None  # smoke | quick | medium
     from_sweep: str | None = None  # start from this sweep's narrowed space (next_space.yaml) and base config
     config: str | None = None  # base config YAML
