@@ -24,6 +24,10 @@ def connect_ray(address: str | None, verbose: int = 1) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": verbose > 1}
+    if verbose < 2:
+        # Ray's notice that a local Ray enables token authentication (ray-notes §5) is about
+        # Ray, not the sweep: shown with -v 2 only.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -96,6 +100,10 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True):
     # CSV/JSON logs feed ResultGrid's per-epoch frames; TensorBoard's logger only adds noise
     # ('Summary name ... is illegal' for every metric with '@').
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if opts.verbose < 2:
+        # Tune's newer console output prints its configuration table and results path even at
+        # verbose=0; the classic reporter prints nothing there, and TrialLines says what matters.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Snapshot the experiment state after every controller step on local storage (cheap), so
     # a driver killed right after a trial finished does not resume and rerun that trial; on
