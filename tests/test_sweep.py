@@ -14,16 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import TINY
 from rayrec.config import build_config
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
-    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
-]
 
 
 def tiny_space(tmp_path, params: dict, mutate: list[str] | None = None, fixed: dict | None = None) -> str:
