@@ -54,6 +54,26 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAYREC_CACHE", cache)
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_ray_idle(ray, timeout: float = 60.0) -> None:
+    """Until every CPU of the shared Ray is free again, e.g. after a killed driver's trial workers
+    were reaped, so a resume gets the slots it asks for."""
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0),
+               timeout, "the Ray cluster's CPUs to be free")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray instance of the test session: 4 logical CPUs and 1 logical GPU."""

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY, wait_for_ray_idle
 from rayrec.config import build_config
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
@@ -184,7 +184,7 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert len(finished) >= 2, "no trial finished before the deadline"
-    time.sleep(1.0)
+    wait_for_ray_idle(ray_session)
 
     result = run_sweep(SweepOptions(name="killed", storage=str(storage), resume=True, wandb="off", verbose=0,
                                     cpus_per_trial=1, evaluate_test=False))
@@ -222,7 +222,7 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     )
     driver = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=240)
     assert driver.returncode == -signal.SIGKILL, driver.stderr.decode()[-2000:]
-    time.sleep(1.0)
+    wait_for_ray_idle(ray_session)
 
     # Tune's restore wants the same param_space keys; the hook fires only in a from-scratch attempt.
     result = run_sweep(SweepOptions(name="lost", storage=str(storage), resume=True, wandb="off", verbose=0,
