@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast sweep train bench clean
+.PHONY: install lint test test-fast sweep train bench clean
 
 install: $(STAMP)
 
@@ -14,10 +14,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+# ruff's rules are in pyproject.toml ([tool.ruff]); the import rules are tests/test_imports.py.
+lint: install
+	$(VENV)/bin/ruff check rayrec tests bench
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The main job on the built-in offline dataset.

@@ -7,7 +7,7 @@ trainable.py): `Trainer.state_dict()` -> `save_state` into a temporary directory
 copies the directory to storage (StorageContext.persist_current_checkpoint, the code path of
 `tune.report(checkpoint=...)`). Storage is either a local directory or s3://bucket/prefix on
 moto's S3 server on 127.0.0.1 (its own process), reached through the same filesystem rayrec hands Ray
-(rayrec.storage.pyarrow_filesystem: s3fs behind pyarrow's FSSpecHandler). Targets alternate
+(rayrec.tune.storage_handoff.pyarrow_filesystem: s3fs behind pyarrow's FSSpecHandler). Targets alternate
 within each repeat, so both see the same machine load.
 
 The model: SASRec with 3,416 items (ml-1m-gsasrec from ../shared/data, or a synthetic
@@ -84,7 +84,7 @@ def start_s3() -> subprocess.Popen:
 def storage_context(url: str):
     from ray.train._internal.storage import StorageContext
 
-    from rayrec.storage import pyarrow_filesystem
+    from rayrec.tune.storage_handoff import pyarrow_filesystem
 
     fs, path = pyarrow_filesystem(url)
     return StorageContext(storage_path=path, experiment_dir_name="bench", storage_filesystem=fs,
@@ -132,7 +132,7 @@ def main() -> None:
     server = start_s3()
     local_root = tempfile.mkdtemp(prefix="rayrec-bench-")
     targets = {"local disk": storage_context(local_root), "loopback S3": storage_context("s3://rayrec-bench/ckpt")}
-    for name, storage in targets.items():  # warm-up: connections, first writes
+    for storage in targets.values():  # warm-up: connections, first writes
         one_checkpoint(trainer, storage, 0)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
     for i in range(1, args.repeats + 1):

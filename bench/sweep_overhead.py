@@ -84,9 +84,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from rayrec.config import build_config, parse_overrides
     from rayrec.data import load_split
-    from rayrec.tune.sweep import SweepOptions, connect_ray, run_sweep
-
     from rayrec.tune import sweep
+    from rayrec.tune.sweep import SweepOptions, connect_ray, run_sweep
 
     sweep.REUSE_ACTORS = args.reuse_actors
     machine = print_machine(f"{args.trials}-trial ASHA sweep overhead (reuse_actors={args.reuse_actors})")
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     # A slot frees when a trial reports its last epoch; trials take slots in start order.
     free = sorted([t0] * slots)
     waits = []
-    for trial_id, row in per_trial.iterrows():
+    for _, row in per_trial.iterrows():
         slot_free = free.pop(0)
         waits.append(max(row["started"] - slot_free, 0.0))
         free = sorted(free + [row["end"]])

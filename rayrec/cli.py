@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -60,21 +60,10 @@ def resolve_cli_config(
     seed: Optional[int] = None,
     epochs: Optional[int] = None,
 ):
-    """One resolution path for every command: --config file, then --data/--seed/--epochs, then --set."""
-    from rayrec.config import build_config, load_yaml, parse_overrides
+    """One resolution path for every command (rayrec.config.command_layers, then build_config)."""
+    from rayrec.config import build_config, command_layers
 
-    base = load_yaml(config) if config else {}
-    overrides: dict[str, Any] = {}
-    if data is not None:
-        overrides["data.name"] = data
-    if data_format is not None:
-        overrides["data.format"] = data_format
-    if seed is not None:
-        overrides["train.seed"] = seed
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    overrides.update(parse_overrides(sets))
-    return build_config(model, base, overrides)
+    return build_config(model, *command_layers(config, data, data_format, sets, seed, epochs))
 
 
 def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr@10", "coverage@10"),
@@ -153,10 +142,10 @@ def train(
 @app.command()
 @user_errors
 def sweep(
-    model: Optional[str] = typer.Argument(None, help="Model to tune; its space is search_spaces/<model>.yaml unless --space."),
+    model: Optional[str] = typer.Argument(None, help="Model to tune; its space is the shipped rayrec/search_spaces/<model>.yaml unless --space."),
     stage: Optional[str] = typer.Option(None, "--stage", help="smoke | quick | medium: budgets from the space's stages."),
     from_sweep: Optional[str] = typer.Option(None, "--from", help="Start from SWEEP's narrowed space (`rayrec narrow SWEEP`) and base config."),
-    space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default search_spaces/<model>.yaml)."),
+    space: Optional[str] = typer.Option(None, "--space", help="Search-space YAML (default: the shipped rayrec/search_spaces/<model>.yaml)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     data_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Base config YAML every trial starts from."),
@@ -196,7 +185,7 @@ def sweep(
         wandb=wandb, seed=seed, resume=resume, verbose=verbose, evaluate_test=not no_test,
     )
     result = run_sweep(opts)
-    metric = result.best.get("metric", "val_ndcg@10").removeprefix("val_")
+    metric = result.metric
     echo(summary_table(result, metric))
     if result.best:
         echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}")
@@ -234,7 +223,10 @@ def narrow(
     min_importance_trials: int = typer.Option(10, "--min-importance-trials", help="Fewest completed trials to compute importance from (else nothing is frozen)."),
 ) -> None:
     """Write the next stage's search space (next_space.yaml), robust.yaml and diagnostics from a finished sweep."""
-    from rayrec.tune.analysis import export_robust, load_results, narrow_space, write_diagnostics, write_narrowing
+    from rayrec.experiment import DIAGNOSTICS_FILE
+    from rayrec.tune.diagnostics import write_diagnostics
+    from rayrec.tune.narrow import export_robust, narrow_space, write_narrowing
+    from rayrec.tune.results import load_results
 
     results = load_results(sweep_dir, storage)
     narrowing = narrow_space(results, top_fraction=top_fraction, threshold=threshold, min_trials=min_trials,
@@ -253,7 +245,7 @@ def narrow(
     for key, change in narrowing.changes.items():
         echo(f"  {key}: {change}")
     flagged = int((diagnostics["flags"] != "").sum()) if len(diagnostics) else 0
-    echo(f"diagnostics: {flagged} of {len(diagnostics)} trials flagged ({results.file('diagnostics.parquet')})")
+    echo(f"diagnostics: {flagged} of {len(diagnostics)} trials flagged ({results.file(DIAGNOSTICS_FILE)})")
     echo(f"robust config (top {top_k} averaged): {robust}")
     echo(f"next space ({narrowing.next_stage or 'no stage'}): {url}")
     echo(f"next: rayrec sweep {results.model} --from {results.experiment}")

@@ -21,45 +21,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rayrec.data.config import DataConfig  # lives in the data package, which never imports this module
 from rayrec.errors import UserError, did_you_mean
 
-SPLITS = ("loo", "ratio", "temporal")
+__all__ = ["DEFAULT_METRIC", "Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
 
-
-@dataclass
-class DataConfig:
-    """Where the interactions come from and how they are cleaned and split."""
-
-    name: str = "synthetic"  # named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, gowalla, ...) or a path/URL
-    format: str | None = None  # reader for a path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn
-    columns: dict[str, str] = field(default_factory=dict)  # csv/parquet: {user: col, item: col, timestamp: col, rating: col}
-    min_rating: float | None = None  # implicit feedback: keep ratings >= this
-    user_core: int = 5  # iterative k-core: every user keeps >= this many interactions
-    item_core: int = 5  # ... and every item
-    split: Literal["loo", "ratio", "temporal"] = "loo"  # leave-one-out | per-user random ratio | global temporal
-    valid_ratio: float = 0.1  # ratio/temporal splits: share of each user's (or all) interactions for validation
-    test_ratio: float = 0.2  # ratio/temporal splits: share for test
-    seed: int = 0  # split and synthetic-data seed (separate from the training seed)
-    cache_dir: str | None = None  # default: $RAYREC_CACHE or ~/.cache/rayrec
-    # The built-in synthetic dataset (offline, deterministic, planted sequential structure).
-    synthetic_users: int = 1000
-    synthetic_items: int = 400
-    synthetic_length: int = 30  # mean interactions per user
-
-    def validate(self) -> None:
-        if self.user_core < 0 or self.item_core < 0:
-            raise UserError(f"data.user_core/item_core must be >= 0, got {self.user_core}/{self.item_core}")
-        for key in ("valid_ratio", "test_ratio"):
-            v = getattr(self, key)
-            if not 0.0 <= v < 1.0:
-                raise UserError(f"data.{key} must be in [0, 1), got {v}")
-        if self.valid_ratio + self.test_ratio >= 1.0:
-            raise UserError(
-                f"data.valid_ratio + data.test_ratio must be < 1, got {self.valid_ratio + self.test_ratio}"
-            )
-        for key in ("synthetic_users", "synthetic_items", "synthetic_length"):
-            if getattr(self, key) < 2:
-                raise UserError(f"data.{key} must be >= 2, got {getattr(self, key)}")
+# The validation metric runs select on and sweeps optimise unless told otherwise (the one place it is written).
+DEFAULT_METRIC = "ndcg@10"
 
 
 @dataclass
@@ -88,7 +56,7 @@ class TrainConfig:
     cpu_amp: bool = False
     patience: int = 10  # early stopping: epochs without improvement of `metric` by > min_delta
     min_delta: float = 0.0
-    metric: str = "ndcg@10"  # validation metric for early stopping and model selection
+    metric: str = DEFAULT_METRIC  # validation metric for early stopping and model selection
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs for HR/NDCG/MRR/recall/coverage
     eval_batch_size: int = 512  # users per full-ranking batch
     sampled_negatives: int = 0  # >0 adds sampled metrics (target among N unseen items), keys prefixed 'sampled_'
@@ -217,6 +185,43 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def overlay(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`base` (model/data/train mappings) with dotted `overrides` set on top: a value replaces
+    the base's whole value, mappings such as data.columns included."""
+    sections = {name: dict(base.get(name) or {}) for name in ("model", "data", "train")}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in sections or not key:
+            raise UserError(f"unknown key '{dotted}'; keys look like model.<field>, data.<field> or train.<field>")
+        sections[section][key] = value
+    return sections
+
+
+def command_layers(
+    config_file: str | None = None,
+    data: str | None = None,
+    data_format: str | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    seed: int | None = None,
+    epochs: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The layers a command line adds above the defaults, for `rayrec train` and `rayrec sweep`
+    alike: (the --config file's mapping, dotted overrides from --data, --format, --seed,
+    --epochs and then --set, which wins)."""
+    base = load_yaml(config_file) if config_file else {}
+    overrides: dict[str, Any] = {}
+    if data is not None:
+        overrides["data.name"] = data
+    if data_format is not None:
+        overrides["data.format"] = data_format
+    if seed is not None:
+        overrides["train.seed"] = seed
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    overrides.update(parse_overrides(list(sets)))
+    return base, overrides
+
+
 def build_config(
     model_name: str | None = None,
     base: dict[str, Any] | None = None,
@@ -250,11 +255,7 @@ def build_config(
         raise UserError("no model given; pass one (e.g. `rayrec train sasrec`) or set model.name in --config")
     spec = get_model_spec(name)
 
-    for dotted, value in overrides.items():
-        section, _, key = dotted.partition(".")
-        if section not in sections or not key:
-            raise UserError(f"unknown key '{dotted}'; keys look like model.<field>, data.<field> or train.<field>")
-        sections[section][key] = value
+    sections = overlay(sections, overrides)
 
     train_values = {**spec.train_defaults, **sections["train"]}
     model_cfg = _make(spec.config_cls, sections["model"], "model")

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 STATUS_STYLE = {  # colour, line style, end marker
@@ -42,27 +41,28 @@ class Report:
 
 def build_report(sweep: str, storage: str | None = None, output: str | None = None) -> Report:
     """Read a sweep's results and write index.html, the figures and diagnostics.parquet."""
+    from rayrec.experiment import CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, NARROW_FILE, REPORT_DIR
     from rayrec.storage import exists, read_parquet, read_yaml, write_bytes, write_parquet
-    from rayrec.tune.analysis import (
-        diagnose, load_results, parameter_importance, pbt_lineage, require_completed,
-    )
-    from rayrec.tune.confirm import CONFIRM_FILE, FINAL_FILE, confirmation_stats
+    from rayrec.tune.confirm import confirmation_stats
+    from rayrec.tune.diagnostics import diagnose, pbt_lineage
+    from rayrec.tune.importance import parameter_importance
+    from rayrec.tune.results import load_results, require_completed
 
     results = load_results(sweep, storage)
     ranked = require_completed(results, 1, "a report")
-    output = (output or results.file("report")).rstrip("/")
+    output = (output or results.file(REPORT_DIR)).rstrip("/")
     importance = parameter_importance(ranked, results.space.params, results.value_col)
     diagnostics = diagnose(results)
     lineage = pbt_lineage(results.history) if results.scheduler == "pbt" else None
     confirm = read_parquet(results.file(CONFIRM_FILE)) if exists(results.file(CONFIRM_FILE)) else None
     confirm_stats = None
     if confirm is not None:
-        confirm_yaml = results.file("confirm.yaml")
+        confirm_yaml = results.file(CONFIRM_SUMMARY)
         thresholds = read_yaml(confirm_yaml) if exists(confirm_yaml) else {}
         confirm_stats = confirmation_stats(confirm, f"val_{results.metric}", results.mode,
                                            thresholds.get("max_std", 0.002), thresholds.get("tolerance", 0.01))
     final = read_yaml(results.file(FINAL_FILE)) if exists(results.file(FINAL_FILE)) else None
-    narrow = read_yaml(results.file("narrow.yaml")) if exists(results.file("narrow.yaml")) else None
+    narrow = read_yaml(results.file(NARROW_FILE)) if exists(results.file(NARROW_FILE)) else None
 
     figures: dict[str, bytes] = {
         "learning_curves.png": learning_curves(results),
@@ -149,9 +149,9 @@ def rung_survival(results) -> bytes:
     ax.bar(epochs, alive, color="tab:blue", alpha=0.8)
     for e, n in zip(epochs, alive):
         ax.annotate(str(n), (e, n), ha="center", va="bottom", fontsize=7)
-    settings = results.spec.get("settings", {})
+    settings = results.settings
     if results.scheduler == "asha":
-        rung, rf = float(settings.get("grace_period", 1)), float(settings.get("reduction_factor", 3))
+        rung, rf = float(settings.grace_period), float(settings.reduction_factor)
         first = True
         while rung < top:
             ax.axvline(rung + 0.5, color="tab:red", linestyle="--", linewidth=1, label="ASHA rung" if first else None)
@@ -204,7 +204,7 @@ def parallel_coordinates(results, ranked) -> bytes:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from rayrec.tune.analysis import plain
+    from rayrec.storage import plain
 
     params = [(k, p) for k, p in results.space.params.items() if f"config/{k}" in ranked]
     axes_names = [k for k, _ in params] + [results.metric]
@@ -299,7 +299,7 @@ img { max-width: 100%; border: 1px solid #eee; }
 def render_html(results, ranked, figures, importance, diagnostics, lineage, confirm_stats, final, narrow) -> str:
     e = html.escape
     spec = results.spec
-    settings = spec.get("settings", {})
+    settings = results.settings
     counts = results.trials["status"].value_counts().to_dict()
     dataset = spec.get("dataset", {})
     best = ranked.iloc[0]
@@ -312,8 +312,8 @@ def render_html(results, ranked, figures, importance, diagnostics, lineage, conf
         _row("model", results.model),
         _row("dataset", f"{dataset.get('name', '?')} (fingerprint {str(dataset.get('fingerprint', ''))[:12]})"),
         _row("stage", (spec.get("options") or {}).get("stage") or "-"),
-        _row("search / scheduler", f"{settings.get('search')} / {settings.get('scheduler')}"),
-        _row("budget", f"{settings.get('num_samples')} trials x {settings.get('max_epochs')} epochs"),
+        _row("search / scheduler", f"{settings.search} / {settings.scheduler}"),
+        _row("budget", f"{settings.num_samples} trials x {settings.max_epochs} epochs"),
         _row("trials", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))),
         _row("best trial", f"{best['trial_id']}: {results.value_col} {float(best[results.value_col]):.4f}"),
         "</table>",

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "off")
 TIMEOUT_S = float(os.environ.get("RAYREC_WANDB_TIMEOUT_S", "60"))
-SWEEP_FILE = "wandb_sweep.yaml"  # the registered W&B sweep, so a resume joins the same one
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -103,7 +102,7 @@ def _is_staging(plan: Any) -> bool:
 
 def tags(plan: Any) -> list[str]:
     dataset = str((plan.base.get("data") or {}).get("name", "synthetic"))
-    return [plan.model, dataset, plan.settings["scheduler"], plan.settings["search"]]
+    return [plan.model, dataset, plan.settings.scheduler, plan.settings.search]
 
 
 # --- per-trial runs ---------------------------------------------------------------------
@@ -148,7 +147,7 @@ def _callback_class():
     """Ray's WandbLoggerCallback, made unable to fail the sweep."""
     if "_SafeWandbCallback" in globals():
         return globals()["_SafeWandbCallback"]
-    from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
+    from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem, _WandbLoggingActor
 
     class _SafeWandbActor(_WandbLoggingActor):
         """Ray's logging actor; a failed wandb.init drains the trial's queue instead of failing."""
@@ -191,9 +190,12 @@ def _callback_class():
                 import ray
                 from ray.air.util.node import _force_on_current_node
 
-                # As Ray does, minus runtime_env={"env_vars": {"WANDB_API_KEY": ...}} (logged by Ray).
+                # As Ray does, minus runtime_env={"env_vars": {"WANDB_API_KEY": ...}} (logged by Ray),
+                # and without restarts: a restarted logging actor could not get its constructor
+                # arguments back (Ray logs a core_worker error saying so for every trial), and a
+                # trial whose W&B logging died is a warning, not something to retry.
                 self._remote_logger_class = ray.remote(
-                    num_cpus=0, **_force_on_current_node(), max_restarts=-1, max_task_retries=-1,
+                    num_cpus=0, **_force_on_current_node(), max_restarts=0,
                 )(self._logger_actor_cls)
             if self.kwargs.get("mode") == "online" and os.environ.get("WANDB_API_KEY"):
                 wandb_init_kwargs["_rayrec_api_key"] = os.environ["WANDB_API_KEY"]
@@ -213,7 +215,23 @@ def _callback_class():
             self._guarded("log_trial_start", trial)
 
         def log_trial_result(self, iteration, trial, result):
-            self._guarded("log_trial_result", iteration, trial, result)
+            # Ray's version hands the result to the trial's queue actor with Queue.put, which
+            # waits (ray.get) until that actor has it: on the driver, between results, and for
+            # seconds while a new trial's actors start ("on_trial_result took 1.3 s"). The
+            # actor takes calls from this driver in order, so submitting without waiting keeps
+            # the order and the END marker (sent with a waiting put) still comes last.
+            if self._failed:
+                return
+            try:
+                if trial not in self._trial_logging_actors:
+                    self.log_trial_start(trial)
+                if trial not in self._trial_queues:
+                    return  # log_trial_start failed and said so
+                result = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
+                self._trial_queues[trial].actor.put.remote((_QueueItem.RESULT, result), None)
+            except Exception as exc:  # noqa: BLE001 - W&B must not fail the sweep
+                self._failed = True
+                log.warning("W&B: logging stopped after an error (%s); the sweep goes on", _first_line(exc))
 
         def log_trial_save(self, trial):
             self._guarded("log_trial_save", trial)
@@ -238,10 +256,10 @@ def _callback_class():
 def wandb_sweep_config(plan: Any) -> dict[str, Any]:
     """The sweep in W&B's sweep-config format (what its Sweeps view shows); W&B proposes nothing."""
     s = plan.settings
-    method = {"hyperopt": "bayes", "random": "random", "grid": "grid"}.get(s["search"], "random")
+    method = {"hyperopt": "bayes", "random": "random", "grid": "grid"}.get(s.search, "random")
     params: dict[str, Any] = {}
     for key, p in plan.space.params.items():
-        if s["search"] == "grid":
+        if s.search == "grid":
             params[key] = {"values": p.grid_values()}
         elif p.dist == "choice":
             params[key] = {"values": list(p.values)}
@@ -254,18 +272,19 @@ def wandb_sweep_config(plan: Any) -> dict[str, Any]:
     return {
         "name": plan.name,
         "method": method,
-        "metric": {"name": f"val_{s['metric']}", "goal": "maximize" if s["mode"] == "max" else "minimize"},
+        "metric": {"name": s.tune_metric, "goal": "maximize" if s.mode == "max" else "minimize"},
         "parameters": params,
         "controller": {"type": "local"},  # rayrec's Ray Tune search proposes the configs, not W&B
-        "description": f"rayrec sweep {plan.name}: {plan.model}, {s['search']} search, {s['scheduler']} scheduler",
+        "description": f"rayrec sweep {plan.name}: {plan.model}, {s.search} search, {s.scheduler} scheduler",
     }
 
 
 def registered_sweep(plan: Any) -> str | None:
     """The W&B sweep id of this rayrec sweep, registering it on first use; None when W&B is unreachable."""
+    from rayrec.experiment import WANDB_SWEEP_FILE
     from rayrec.storage import exists, join, read_yaml, write_yaml
 
-    record = join(plan.experiment, SWEEP_FILE)
+    record = join(plan.experiment, WANDB_SWEEP_FILE)
     try:
         if exists(record):
             return read_yaml(record).get("sweep_id")
@@ -338,7 +357,7 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     api_key = os.environ.get("WANDB_API_KEY") if mode == "online" else None
 
     task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
-    from rayrec.tune.analysis import plain
+    from rayrec.storage import plain
 
     ref = task.remote(init, plain(summary), table.to_dict("list"), api_key)
     done, _ = ray.wait([ref], timeout=TIMEOUT_S)

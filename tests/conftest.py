@@ -6,9 +6,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tiny synthetic data and a tiny SASRec: a trial takes seconds (dotted --set keys).
+TINY_DATA = ["data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12"]
+TINY = [*TINY_DATA, "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256"]
+
+
+def set_flags(items: list[str]) -> list[str]:
+    """Dotted key=value items as command-line arguments: --set a=1 --set b=2."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """A CliRunner result that is a user error: exit status 2, one line starting 'error: ', no
+    traceback, naming every fragment. Returns the line."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 SHARED_DATA = Path(os.environ.get("RAYREC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # Keep tests away from the user's cache, results and W&B account.
@@ -31,6 +54,26 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RAYREC_CACHE", cache)
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_ray_idle(ray, timeout: float = 60.0) -> None:
+    """Until every CPU of the shared Ray is free again, e.g. after a killed driver's trial workers
+    were reaped, so a resume gets the slots it asks for."""
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0),
+               timeout, "the Ray cluster's CPUs to be free")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray instance of the test session: 4 logical CPUs and 1 logical GPU."""
@@ -41,3 +84,66 @@ def ray_session():
                  logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# --- hand-made finished sweeps (no Ray): what `rayrec sweep` exports, written directly -----
+SPACE = {
+    "model": "sasrec",
+    "stages": {"quick": {"num_samples": 12, "max_epochs": 4}, "medium": {"num_samples": 24, "max_epochs": 12}},
+    "fixed": {"train.patience": 3},
+    "params": {
+        "train.lr": {"dist": "loguniform", "low": 1e-5, "high": 1e-1},
+        "train.weight_decay": {"dist": "loguniform", "low": 0.01, "high": 0.3},
+        "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.5},
+        "model.blocks": {"dist": "int", "low": 1, "high": 4},
+        "model.loss": {"dist": "choice", "values": ["ce", "bce", "sampled_softmax"]},
+    },
+}
+BASE = {"model": {"name": "sasrec", "hidden": 16, "max_len": 16}, "data": {"synthetic_users": 150},
+        "train": {"epochs": 4, "metric": "ndcg@10", "patience": 3}}
+
+
+def write_sweep(root, trials: list[dict], history: pd.DataFrame | None = None, space: dict | None = None,
+                scheduler: str = "fifo", stage: str | None = "quick", name: str = "hand") -> str:
+    """A sweep directory as `rayrec sweep` exports it, from hand-made trial rows."""
+    path = os.path.join(str(root), name)
+    os.makedirs(path, exist_ok=True)
+    space = space or SPACE
+    spec = {
+        "model": "sasrec", "name": name, "space": space, "base": BASE,
+        "settings": {"metric": "ndcg@10", "mode": "max", "num_samples": len(trials), "max_epochs": 4,
+                     "search": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
+        "options": {"stage": stage}, "dataset": {"name": "synthetic", "fingerprint": "abc123"},
+    }
+    with open(os.path.join(path, "sweep.yaml"), "w") as fh:
+        yaml.safe_dump(spec, fh)
+    rows = []
+    for i, t in enumerate(trials):
+        row = {"trial_id": t.get("trial_id", f"t{i:02d}"), "status": t.get("status", "finished"),
+               "epochs": t.get("epochs", 4), "best_val_ndcg@10": t["value"], "error": t.get("error", "")}
+        row.update({f"config/{k}": v for k, v in t["config"].items()})
+        row["config/train.patience"] = 3
+        rows.append(row)
+    pd.DataFrame(rows).to_parquet(os.path.join(path, "trials.parquet"), index=False)
+    if history is None:
+        history = pd.DataFrame([
+            {"trial_id": r["trial_id"], "epoch": e, "val_ndcg@10": r["best_val_ndcg@10"] * e / r["epochs"],
+             "val_coverage@10": 0.5, "train_loss": 5.0 - e}
+            for r in rows if r["status"] != "errored" for e in range(1, r["epochs"] + 1)
+        ])
+    history.to_parquet(os.path.join(path, "history.parquet"), index=False)
+    return path
+
+
+def config(lr, dropout=0.3, blocks=2, loss="ce", wd=0.05):
+    return {"train.lr": lr, "model.dropout": dropout, "model.blocks": blocks, "model.loss": loss,
+            "train.weight_decay": wd}
+
+
+def ten_trials():
+    """Two clear winners (lr 1e-3 and 1e-2), eight losers spread over the rest of the space."""
+    top = [dict(value=0.40, config=config(1e-3, 0.2, 2, "ce", 0.01)),
+           dict(value=0.39, config=config(1e-2, 0.4, 3, "bce", 0.012))]
+    rest = [dict(value=0.10 + 0.01 * i, config=config(10 ** -(1.5 + 0.4 * i), 0.1 + 0.04 * i, 1 + i % 4,
+                                                      "sampled_softmax", 0.01 + 0.03 * i)) for i in range(8)]
+    return top + rest

@@ -12,76 +12,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import BASE, assert_user_error, config, ten_trials, write_sweep
 from rayrec.cli import app
 from rayrec.errors import UserError
 from rayrec.train.trainer import lr_factor
-from rayrec.tune.analysis import (
-    diagnose, export_robust, load_results, narrow_param, narrow_space, parameter_importance, pbt_lineage,
-    robust_params, write_narrowing,
-)
 from rayrec.tune.confirm import confirmation_stats, with_validation_in_train
+from rayrec.tune.diagnostics import diagnose, pbt_lineage
+from rayrec.tune.importance import parameter_importance
+from rayrec.tune.narrow import export_robust, narrow_param, narrow_space, robust_params, write_narrowing
+from rayrec.tune.results import load_results
 from rayrec.tune.space import Param, load_space
-
-SPACE = {
-    "model": "sasrec",
-    "stages": {"quick": {"num_samples": 12, "max_epochs": 4}, "medium": {"num_samples": 24, "max_epochs": 12}},
-    "fixed": {"train.patience": 3},
-    "params": {
-        "train.lr": {"dist": "loguniform", "low": 1e-5, "high": 1e-1},
-        "train.weight_decay": {"dist": "loguniform", "low": 0.01, "high": 0.3},
-        "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.5},
-        "model.blocks": {"dist": "int", "low": 1, "high": 4},
-        "model.loss": {"dist": "choice", "values": ["ce", "bce", "sampled_softmax"]},
-    },
-}
-BASE = {"model": {"name": "sasrec", "hidden": 16, "max_len": 16}, "data": {"synthetic_users": 150},
-        "train": {"epochs": 4, "metric": "ndcg@10", "patience": 3}}
-
-
-def write_sweep(root, trials: list[dict], history: pd.DataFrame | None = None, space: dict | None = None,
-                scheduler: str = "fifo", stage: str | None = "quick", name: str = "hand") -> str:
-    """A sweep directory as `rayrec sweep` exports it, from hand-made trial rows."""
-    path = os.path.join(str(root), name)
-    os.makedirs(path, exist_ok=True)
-    space = space or SPACE
-    spec = {
-        "model": "sasrec", "name": name, "space": space, "base": BASE,
-        "settings": {"metric": "ndcg@10", "mode": "max", "num_samples": len(trials), "max_epochs": 4,
-                     "search": "random", "scheduler": scheduler, "grace_period": 1, "reduction_factor": 2},
-        "options": {"stage": stage}, "dataset": {"name": "synthetic", "fingerprint": "abc123"},
-    }
-    with open(os.path.join(path, "sweep.yaml"), "w") as fh:
-        yaml.safe_dump(spec, fh)
-    rows = []
-    for i, t in enumerate(trials):
-        row = {"trial_id": t.get("trial_id", f"t{i:02d}"), "status": t.get("status", "finished"),
-               "epochs": t.get("epochs", 4), "best_val_ndcg@10": t["value"], "error": t.get("error", "")}
-        row.update({f"config/{k}": v for k, v in t["config"].items()})
-        row["config/train.patience"] = 3
-        rows.append(row)
-    pd.DataFrame(rows).to_parquet(os.path.join(path, "trials.parquet"), index=False)
-    if history is None:
-        history = pd.DataFrame([
-            {"trial_id": r["trial_id"], "epoch": e, "val_ndcg@10": r["best_val_ndcg@10"] * e / r["epochs"],
-             "val_coverage@10": 0.5, "train_loss": 5.0 - e}
-            for r in rows if r["status"] != "errored" for e in range(1, r["epochs"] + 1)
-        ])
-    history.to_parquet(os.path.join(path, "history.parquet"), index=False)
-    return path
-
-
-def config(lr, dropout=0.3, blocks=2, loss="ce", wd=0.05):
-    return {"train.lr": lr, "model.dropout": dropout, "model.blocks": blocks, "model.loss": loss,
-            "train.weight_decay": wd}
-
-
-def ten_trials():
-    """Two clear winners (lr 1e-3 and 1e-2), eight losers spread over the rest of the space."""
-    top = [dict(value=0.40, config=config(1e-3, 0.2, 2, "ce", 0.01)),
-           dict(value=0.39, config=config(1e-2, 0.4, 3, "bce", 0.012))]
-    rest = [dict(value=0.10 + 0.01 * i, config=config(10 ** -(1.5 + 0.4 * i), 0.1 + 0.04 * i, 1 + i % 4,
-                                                      "sampled_softmax", 0.01 + 0.03 * i)) for i in range(8)]
-    return top + rest
 
 
 def test_narrowing_takes_the_top_fifth_log_aware_and_keeps_floors(tmp_path):
@@ -118,7 +58,7 @@ def test_narrowing_without_padding_is_exactly_the_top_trials_range():
 def test_narrow_freezes_unimportant_parameters_and_writes_a_loadable_space(tmp_path):
     rng = np.random.default_rng(0)
     trials = []
-    for i in range(30):
+    for _ in range(30):
         lr = 10 ** rng.uniform(-5, -1)
         value = 0.4 - 0.04 * (math.log10(lr) + 3) ** 2
         trials.append(dict(value=value, config=config(lr, rng.uniform(0.1, 0.5), 2, "ce", 0.05)))
@@ -252,18 +192,11 @@ def test_train_on_valid_moves_validation_items_into_training():
 runner = CliRunner()
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
-def test_narrowing_with_too_few_trials_is_a_one_line_error(tmp_path):
+def test_narrowing_with_too_few_trials_is_a_assert_user_error(tmp_path):
     trials = [dict(value=0.1 * i, config=config(10 ** -(2 + i))) for i in range(1, 4)]
     trials += [dict(value=float("nan"), status="errored", error="CUDA out of memory", config=config(1e-3))] * 2
     write_sweep(tmp_path, trials)
-    line = one_line_error(runner.invoke(app, ["narrow", "hand", "--storage", str(tmp_path)]))
+    line = assert_user_error(runner.invoke(app, ["narrow", "hand", "--storage", str(tmp_path)]))
     assert "3 completed trial(s)" in line and "at least 5" in line
     with pytest.raises(UserError):
         narrow_space(load_results(os.path.join(tmp_path, "hand")))
@@ -287,7 +220,7 @@ def test_sweep_from_uses_the_narrowed_space_and_the_sweeps_base(tmp_path):
     write_narrowing(results, narrow_space(results, threshold=0.0))
     plan = plan_sweep(SweepOptions(model="sasrec", from_sweep="hand", storage=str(tmp_path)))
     assert plan.space.params["model.loss"].values == ["ce", "bce"]
-    assert plan.settings["num_samples"] == 24 and plan.settings["max_epochs"] == 12  # the medium stage
+    assert plan.settings.num_samples == 24 and plan.settings.max_epochs == 12  # the medium stage
     assert plan.base["model"]["hidden"] == 16 and plan.base["data"]["synthetic_users"] == 150
     assert plan.base["train"]["epochs"] == 12
     with pytest.raises(UserError, match="--from and --space"):
@@ -295,11 +228,11 @@ def test_sweep_from_uses_the_narrowed_space_and_the_sweeps_base(tmp_path):
 
 
 def test_missing_sweeps_and_spaces_are_one_line_errors(tmp_path):
-    line = one_line_error(runner.invoke(app, ["confirm", "nope", "--storage", str(tmp_path)]))
+    line = assert_user_error(runner.invoke(app, ["confirm", "nope", "--storage", str(tmp_path)]))
     assert "no sweep at 'nope'" in line
-    one_line_error(runner.invoke(app, ["final", str(tmp_path / "nope")]))
+    assert_user_error(runner.invoke(app, ["final", str(tmp_path / "nope")]))
     write_sweep(tmp_path, ten_trials())
-    line = one_line_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
+    line = assert_user_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
     assert "rayrec narrow hand" in line
 
 

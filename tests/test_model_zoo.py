@@ -11,6 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import TINY_DATA, assert_user_error, set_flags
 from rayrec.cli import app
 from rayrec.config import build_config
 from rayrec.models import MODELS, get_model_spec
@@ -18,7 +19,6 @@ from rayrec.storage import read_parquet
 
 runner = CliRunner()
 
-TINY_DATA = ["data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12"]
 # Small enough that a run takes a second; every registered model must appear here.
 TINY_MODEL = {
     "sasrec": ["model.hidden=16", "model.blocks=1", "model.max_len=16"],
@@ -35,20 +35,8 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
 def tiny(model: str) -> list[str]:
-    return sets(*TINY_DATA, *TINY_MODEL[model], "train.eval_batch_size=256")
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return set_flags([*TINY_DATA, *TINY_MODEL[model], "train.eval_batch_size=256"])
 
 
 # Regulariser ranges start at the floors practitioners use (field-lessons §3).
@@ -107,7 +95,7 @@ def test_every_model_trains_through_rayrec_train_and_logs_coverage(tmp_path, mod
 @pytest.mark.parametrize("model", list(TINY_MODEL))
 def test_every_model_sweeps_through_rayrec_sweep_with_its_shipped_space(ray_session, tmp_path, model):
     storage = tmp_path / "sweeps"
-    # The shipped space (search_spaces/<model>.yaml) is sampled; --set values it does not search stay.
+    # The shipped space (rayrec/search_spaces/<model>.yaml) is sampled; --set values it does not search stay.
     result = run("sweep", model, "--name", "smoke", "--storage", storage, "--search", "random", "--scheduler", "fifo",
                  "--num-samples", 1, "--max-epochs", 1, "--cpus-per-trial", 0.5, "--wandb", "off", "--verbose", 0,
                  *tiny(model))
@@ -179,7 +167,7 @@ def test_every_trainable_model_beats_popularity_and_models_differ():
 
 def test_lightgcn_and_sasrec_share_one_leave_one_out_split(tmp_path):
     summaries = {}
-    for model, extra in (("sasrec", []), ("lightgcn", sets("data.split=loo"))):
+    for model, extra in (("sasrec", []), ("lightgcn", set_flags(["data.split=loo"]))):
         out = tmp_path / model
         result = run("train", model, "--epochs", 1, "--output", out, "--no-progress", *tiny(model), *extra)
         assert result.exit_code == 0, result.output
@@ -204,7 +192,7 @@ def _unordered_csv(tmp_path):
     # No timestamp column: rows carry no time order (test_cli covers `rayrec train sasrec` on it).
     table = tmp_path / "ratings.csv"
     table.write_text("\n".join(["user,item"] + [f"{u},{i}" for u in range(30) for i in range(1, 12)]) + "\n")
-    return table, sets("data.columns={user: user, item: item}")
+    return table, set_flags(["data.columns={user: user, item: item}"])
 
 
 @pytest.mark.parametrize("model", ["bert4rec", "gru4rec"])
@@ -212,7 +200,7 @@ def test_sequential_sweep_on_unordered_data_fails_before_ray(tmp_path, model):
     table, columns = _unordered_csv(tmp_path)
     storage = tmp_path / "sweeps"
     # `rayrec sweep` has no --format option; data.format is set like any other config key.
-    result = run("sweep", model, "--data", table, *sets("data.format=csv"), *columns, "--storage", storage,
+    result = run("sweep", model, "--data", table, *set_flags(["data.format=csv"]), *columns, "--storage", storage,
                  "--wandb", "off")
     assert_user_error(result, f"model '{model}' is sequential", "time order", "timestamp")
     assert not storage.exists() or not any(storage.iterdir())

@@ -11,9 +11,9 @@ import pandas as pd
 import yaml
 from typer.testing import CliRunner
 
+from conftest import assert_user_error, config, ten_trials, write_sweep
 from rayrec.cli import app
 from rayrec.report import build_report
-from test_analysis import config, one_line_error, ten_trials, write_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
@@ -100,9 +100,9 @@ def test_report_reads_and_writes_any_storage_url(tmp_path):
     fs.rm("/bucket", recursive=True)
 
 
-def test_report_of_a_sweep_without_completed_trials_is_a_one_line_error(tmp_path):
+def test_report_of_a_sweep_without_completed_trials_is_a_assert_user_error(tmp_path):
     trials = [dict(value=float("nan"), status="errored", error="RuntimeError: boom", config=config(1e-3))] * 3
     path = write_sweep(tmp_path, trials, history=pd.DataFrame({"trial_id": [], "epoch": []}))
-    line = one_line_error(runner.invoke(app, ["report", path]))
+    line = assert_user_error(runner.invoke(app, ["report", path]))
     assert "0 completed trial(s)" in line and "errored 3" in line and "boom" in line
     assert not os.path.exists(os.path.join(path, "report"))

@@ -22,16 +22,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import TINY
 from rayrec.cli import app
 from rayrec.errors import UserError
-from rayrec.storage import check_writable, display, pyarrow_filesystem, split_url, storage_environment
+from rayrec.storage import check_writable, display, split_url, storage_environment
+from rayrec.tune.storage_handoff import pyarrow_filesystem
 
 BUCKET = "rayrec-test"
 SECRET = "rayrec-test-secret-6b1f0c2a9e"
-TINY = [
-    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
-    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
-]
 
 
 def free_port() -> int:

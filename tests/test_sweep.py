@@ -14,16 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import TINY, wait_for_ray_idle
 from rayrec.config import build_config
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
-    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
-]
 
 
 def tiny_space(tmp_path, params: dict, mutate: list[str] | None = None, fixed: dict | None = None) -> str:
@@ -187,7 +184,7 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert len(finished) >= 2, "no trial finished before the deadline"
-    time.sleep(1.0)
+    wait_for_ray_idle(ray_session)
 
     result = run_sweep(SweepOptions(name="killed", storage=str(storage), resume=True, wandb="off", verbose=0,
                                     cpus_per_trial=1, evaluate_test=False))
@@ -225,7 +222,7 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     )
     driver = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=240)
     assert driver.returncode == -signal.SIGKILL, driver.stderr.decode()[-2000:]
-    time.sleep(1.0)
+    wait_for_ray_idle(ray_session)
 
     # Tune's restore wants the same param_space keys; the hook fires only in a from-scratch attempt.
     result = run_sweep(SweepOptions(name="lost", storage=str(storage), resume=True, wandb="off", verbose=0,
@@ -252,7 +249,7 @@ def _finished_trials(experiment, max_epochs: int) -> set[str]:
         result_file = trial_dir / "result.json"
         if not result_file.exists():
             continue
-        lines = [json.loads(l) for l in result_file.read_text().splitlines() if l.strip()]
+        lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         if lines and lines[-1].get("epoch") == max_epochs:
             done.add(lines[-1]["trial_id"])
     return done
@@ -265,8 +262,8 @@ def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
 
     from ray import tune
 
-    from rayrec.tune.sweep import _with_checkpoint_reports
-    from rayrec.tune.trainable import REPORTS_FILE
+    from rayrec.experiment import REPORTS_FILE
+    from rayrec.tune.export import _with_checkpoint_reports
 
     ckpt = tmp_path / "checkpoint_000002"
     ckpt.mkdir()

@@ -12,15 +12,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import TINY
 from rayrec.cli import app
 from rayrec.errors import UserError
 from rayrec.tracking import read_offline_run, sweep_callbacks, wandb_mode, wandb_sweep_config
 from rayrec.tune.sweep import SweepOptions, plan_sweep, run_sweep
 
-TINY = [
-    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
-    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
-]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 

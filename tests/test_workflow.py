@@ -11,15 +11,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import conftest
+from conftest import assert_user_error
 from rayrec.cli import app
 from rayrec.tune.sweep import SweepOptions, run_sweep
-from test_analysis import one_line_error
 
 pytestmark = pytest.mark.ray
 
 TINY = [
-    "data.synthetic_users=150", "data.synthetic_items=60", "data.synthetic_length=12",
-    "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256",
+    *conftest.TINY,
     "train.train_eval_users=40",  # logs train_* metrics: the diagnostics' train/validation gap
 ]
 SPACE = {
@@ -73,7 +73,7 @@ def test_sweep_narrow_confirm_final_report(ray_session, tmp_path):
     assert first["forced"] is False and first["final_history"] == [] and "ndcg@10" in first["test"]
     assert os.path.exists(os.path.join(sweep, "final", "checkpoint.pt"))
     # The test set is locked: a second evaluation needs --force and is recorded as such.
-    line = one_line_error(runner.invoke(app, ["final", sweep, "--config", "robust"]))
+    line = assert_user_error(runner.invoke(app, ["final", sweep, "--config", "robust"]))
     assert "already evaluated on test" in line and "--force" in line
     invoke("final", sweep, "--config", "robust", "--train-on-valid", "--force")
     record = yaml.safe_load(open(os.path.join(sweep, "final.yaml")))

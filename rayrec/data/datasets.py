@@ -35,8 +35,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from rayrec.config import DataConfig
 from rayrec.data import readers, synthetic
+from rayrec.data.config import DataConfig
 from rayrec.data.preprocess import preprocess
 from rayrec.data.splits import split_interactions
 from rayrec.data.types import CSR, SplitData

@@ -25,12 +25,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from rayrec.config import DataConfig
 from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 

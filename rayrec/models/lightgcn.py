@@ -23,7 +23,7 @@ from torch import nn
 from rayrec.data.types import CSR
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec
-from rayrec.models.bprmf import GRAPH_TRAIN_DEFAULTS, BPRMF, check_graph_config
+from rayrec.models.bprmf import BPRMF, GRAPH_TRAIN_DEFAULTS, check_graph_config
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 import rayrec
-from rayrec.config import Config, config_from_dict
+from rayrec.config import Config
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
 from rayrec.train.trainer import FitResult, Trainer, load_state, save_state
@@ -63,14 +63,11 @@ def checkpoint_payload(trainer: Trainer, fit: FitResult) -> dict[str, Any]:
     }
 
 
-SWEEP_STATE_FILE = "trainer.pt"  # a sweep trial's checkpoint file (rayrec.tune.trainable.STATE_FILE)
-
-
 def load_checkpoint(url: str) -> dict[str, Any]:
     """Read a checkpoint.pt, or a sweep's best checkpoint given the sweep's directory (path or URL)."""
-    from rayrec.storage import exists, join
+    from rayrec.experiment import is_sweep_dir
 
-    if not url.endswith(".pt") and exists(join(url, "summary.yaml")):
+    if is_sweep_dir(url):
         return sweep_best_checkpoint(url)
     payload = load_state(url)
     if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
@@ -81,13 +78,14 @@ def load_checkpoint(url: str) -> dict[str, Any]:
 def sweep_best_checkpoint(url: str) -> dict[str, Any]:
     """The best trial's best weights from a finished sweep, with the sweep's model and dataset as metadata."""
     from rayrec.config import unflatten
+    from rayrec.experiment import STATE_FILE, SUMMARY_FILE
     from rayrec.storage import join, read_yaml
 
-    summary = read_yaml(join(url, "summary.yaml"))
+    summary = read_yaml(join(url, SUMMARY_FILE))
     best = summary.get("best") or {}
     if not best.get("checkpoint"):
         raise UserError(f"sweep {url} recorded no best checkpoint in summary.yaml (no trial reported a checkpoint)")
-    state = load_state(join(best["checkpoint"], SWEEP_STATE_FILE))
+    state = load_state(join(best["checkpoint"], STATE_FILE))
     meta = {"model": summary["model"], "fingerprint": summary["fingerprint"], "config": unflatten(best["config"]),
             "dataset": summary.get("dataset"), "metric": best.get("metric"), "metric_value": best.get("value"),
             "trial_id": best.get("trial_id")}
@@ -160,7 +158,3 @@ def train_run(
 def plain_sections(tests: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Test sections as plain floats, for YAML records."""
     return {section: {k: float(v) for k, v in metrics.items()} for section, metrics in tests.items()}
-
-
-def config_from_checkpoint(url: str) -> Config:
-    return config_from_dict(load_checkpoint(url)["meta"]["config"])

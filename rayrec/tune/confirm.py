@@ -23,17 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayrec.errors import UserError, first_line
-from rayrec.tune.analysis import (
-    ROBUST_FILE, SweepResults, best_epochs, export_robust, load_results, plain, require_completed,
-    robust_config, trial_overrides,
-)
+from rayrec.experiment import BEST_FILE, CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, ROBUST_FILE, SUMMARY_FILE
+from rayrec.storage import plain
+from rayrec.tune.diagnostics import best_epochs
+from rayrec.tune.narrow import export_robust, robust_config
+from rayrec.tune.results import SweepResults, load_results, require_completed, trial_overrides
 
 log = logging.getLogger(__name__)
-
-CONFIRM_FILE = "confirm.parquet"
-CONFIRM_SUMMARY = "confirm.yaml"
-FINAL_FILE = "final.yaml"
-
 
 # --- confirmation -----------------------------------------------------------------------
 @dataclass
@@ -99,7 +95,8 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
     import pandas as pd
 
     from rayrec.storage import write_parquet, write_yaml
-    from rayrec.tune.sweep import check_resources, connect_ray
+    from rayrec.tune.trainable import trial_threads
+    from rayrec.tune.tuner import check_resources, connect_ray
 
     if opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
         raise UserError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {opts.cpus_per_trial}/{opts.gpus_per_trial}")
@@ -116,7 +113,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
     if data is not None:
         data_refs[repr(sorted(cands[0].config["data"].items()))] = ray.put(data)
     task = ray.remote(_train_one).options(num_cpus=opts.cpus_per_trial, num_gpus=opts.gpus_per_trial, max_retries=0)
-    threads = max(1, int(math.ceil(opts.cpus_per_trial)))
+    threads = trial_threads(opts.cpus_per_trial)
     pending = {}
     for cand, seed in jobs:
         key = repr(sorted(cand.config["data"].items()))
@@ -253,7 +250,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         )
     ranked = require_completed(results, 1, "a final test")
     if opts.config == "best":
-        url = results.file("best.yaml")
+        url = results.file(BEST_FILE)
         if not exists(url):
             raise UserError(f"sweep '{results.experiment}' has no best.yaml; it has no completed trial to retrain")
         resolved = read_yaml(url)
@@ -283,7 +280,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
     output = _unused_run_dir(results)
     start = time.perf_counter()
     run = train_run(cfg, data, output=output)
-    summary = read_yaml(results.file("summary.yaml")) if exists(results.file("summary.yaml")) else {}
+    summary = read_yaml(results.file(SUMMARY_FILE)) if exists(results.file(SUMMARY_FILE)) else {}
     record = {
         "config_name": opts.config,
         "config_file": url,

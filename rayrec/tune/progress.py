@@ -11,6 +11,8 @@ import math
 
 from ray import tune
 
+from rayrec.tune.results import classify
+
 log = logging.getLogger("rayrec.sweep")
 
 
@@ -36,8 +38,7 @@ class TrialLines(tune.Callback):
         self.done += 1
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0) or 0)
-        reason = last.get("stop_reason") or ("finished" if epoch >= self.max_epochs else "pruned")
-        self._line(trial, f"{reason} at epoch {epoch}")
+        self._line(trial, f"{classify(last, False, self.max_epochs)} at epoch {epoch}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1

@@ -1,4 +1,4 @@
-"""Search spaces: commented YAML in search_spaces/<model>.yaml, validated, turned into Tune domains.
+"""Search spaces: commented YAML in rayrec/search_spaces/<model>.yaml, validated, turned into Tune domains.
 
 Layout (every key optional except model and params):
 
@@ -40,7 +40,8 @@ STAGES = ("smoke", "quick", "medium")
 SEARCHES = ("hyperopt", "random", "grid")
 SCHEDULERS = ("asha", "pbt", "fifo")
 
-SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "search_spaces")
+# Shipped inside the package (package data), so an installed wheel finds them as a source checkout does.
+SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces")
 
 
 @dataclass
@@ -161,7 +162,7 @@ def space_path(model: str) -> str:
 
 
 def load_space(model: str | None, path: str | None = None) -> SearchSpace:
-    """The search space for `model`: `path` if given, else search_spaces/<model>.yaml."""
+    """The search space for `model`: `path` if given, else the shipped rayrec/search_spaces/<model>.yaml."""
     from rayrec.config import load_yaml
 
     if path is None:

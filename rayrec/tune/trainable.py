@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -29,13 +28,11 @@ from ray import get_runtime_context, tune
 
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
-from rayrec.errors import UserError
+from rayrec.experiment import REPORTS_FILE, STATE_FILE
 from rayrec.train.trainer import Trainer, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer.pt"
-REPORTS_FILE = "reports.json"  # beside STATE_FILE: every report of the trial's lineage so far
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -64,6 +61,11 @@ def trial_device() -> tuple[str, list]:
     return "cpu", gpu_ids
 
 
+def trial_threads(cpus_per_trial: float) -> int:
+    """A trial's torch thread count: its CPUs rounded up, so trials never oversubscribe cores."""
+    return max(1, int(math.ceil(cpus_per_trial)))
+
+
 def resolve_trial_config(model: str, base: dict[str, Any], sampled: dict[str, Any], threads: int, device: str):
     """The fully resolved config a trial trains with, device and thread count included, so
     `rayrec train --config best.yaml` repeats the trial exactly (field-lessons §2)."""
@@ -89,7 +91,7 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
     started = time.time()
     trial_id = tune.get_context().get_trial_id()
     device, gpu_ids = trial_device()
-    threads = max(1, int(math.ceil(cpus_per_trial)))
+    threads = trial_threads(cpus_per_trial)
     cfg = resolve_trial_config(model, base or {}, config, threads, device)
     torch.set_num_threads(cfg.train.num_threads)
     trainer = Trainer(cfg, data, device=device)
@@ -257,8 +259,3 @@ def evaluate_checkpoint_on_test(checkpoint_dir: str, resolved: dict[str, Any], d
     if trainer.best_state:
         trainer.model.load_state_dict(trainer.best_state)
     return trainer.test_report()
-
-
-def state_digest(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()

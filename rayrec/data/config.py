@@ -1,0 +1,47 @@
+"""The data section of a run's config (`data.*` keys): where the interactions come from and
+how they are cleaned and split. It lives in the data package so that the pipeline never
+imports rayrec.config; rayrec.config re-exports it as part of the run's Config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rayrec.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how they are cleaned and split."""
+
+    name: str = "synthetic"  # named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, gowalla, ...) or a path/URL
+    format: str | None = None  # reader for a path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn
+    columns: dict[str, str] = field(default_factory=dict)  # csv/parquet: {user: col, item: col, timestamp: col, rating: col}
+    min_rating: float | None = None  # implicit feedback: keep ratings >= this
+    user_core: int = 5  # iterative k-core: every user keeps >= this many interactions
+    item_core: int = 5  # ... and every item
+    split: Literal["loo", "ratio", "temporal"] = "loo"  # leave-one-out | per-user random ratio | global temporal
+    valid_ratio: float = 0.1  # ratio/temporal splits: share of each user's (or all) interactions for validation
+    test_ratio: float = 0.2  # ratio/temporal splits: share for test
+    seed: int = 0  # split and synthetic-data seed (separate from the training seed)
+    cache_dir: str | None = None  # default: $RAYREC_CACHE or ~/.cache/rayrec
+    # The built-in synthetic dataset (offline, deterministic, planted sequential structure).
+    synthetic_users: int = 1000
+    synthetic_items: int = 400
+    synthetic_length: int = 30  # mean interactions per user
+
+    def validate(self) -> None:
+        if self.user_core < 0 or self.item_core < 0:
+            raise UserError(f"data.user_core/item_core must be >= 0, got {self.user_core}/{self.item_core}")
+        for key in ("valid_ratio", "test_ratio"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise UserError(f"data.{key} must be in [0, 1), got {v}")
+        if self.valid_ratio + self.test_ratio >= 1.0:
+            raise UserError(
+                f"data.valid_ratio + data.test_ratio must be < 1, got {self.valid_ratio + self.test_ratio}"
+            )
+        for key in ("synthetic_users", "synthetic_items", "synthetic_length"):
+            if getattr(self, key) < 2:
+                raise UserError(f"data.{key} must be >= 2, got {getattr(self, key)}")

@@ -1,0 +1,186 @@
+"""Running a planned sweep on Ray: the connection, the resources, and the Tuner (new or resumed).
+
+ray-notes §0 is the reference for every Tune call here: everything comes from `ray.tune`,
+metric and mode are set once (in TuneConfig), and a local Ray is started with
+address="local" so it never attaches to an unrelated cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from rayrec.errors import UserError
+from rayrec.tune.plan import Plan, SweepOptions
+
+
+def connect_ray(address: str | None, verbose: int = 1) -> None:
+    """Join a cluster (--address / RAY_ADDRESS), reuse an initialised Ray, or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": verbose > 1}
+    if verbose < 2:
+        # Ray's notice that a local Ray enables token authentication (ray-notes §5) is about
+        # Ray, not the sweep: shown with -v 2 only.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # 'local' never attaches to an unrelated cluster found in /tmp/ray (ray-notes §5).
+            ray.init(address="local", include_dashboard=False, **kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"cannot connect to Ray at '{address}': {str(exc).splitlines()[0]}") from None
+
+def check_resources(gpus_per_trial: float, cpus_per_trial: float) -> dict[str, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if gpus_per_trial > 0 and gpus == 0:
+        raise UserError(
+            f"--gpus-per-trial {gpus_per_trial} but the Ray cluster has no GPUs "
+            f"(resources: {cpus:g} CPU); use --gpus-per-trial 0, or join a GPU cluster with --address"
+        )
+    if gpus_per_trial > gpus > 0:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial} exceeds the cluster's {gpus:g} GPUs")
+    if cpus_per_trial > max(cpus, 0) and cpus > 0 and not _autoscaling():
+        raise UserError(f"--cpus-per-trial {cpus_per_trial} exceeds the cluster's {cpus:g} CPUs")
+    return resources
+
+def check_local_gpus(opts: SweepOptions) -> None:
+    """Without a cluster to join, GPUs must be on this machine: fail before Ray starts."""
+    import ray
+
+    if opts.gpus_per_trial <= 0 or opts.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise UserError(
+            f"--gpus-per-trial {opts.gpus_per_trial} but this machine has no GPU visible to torch; "
+            "use --gpus-per-trial 0, or join a GPU cluster with --address"
+        )
+
+def _autoscaling() -> bool:
+    return bool(os.environ.get("RAYREC_AUTOSCALING"))
+
+def fit_sweep(plan: Plan, data, reuse_actors: bool = True):
+    """Assemble the Tuner (or restore it, for --resume) and run it; Ray's ResultGrid."""
+    from ray import tune
+
+    from rayrec.tune.storage_handoff import pyarrow_filesystem
+    from rayrec.tune.trainable import train_trial
+
+    s, opts = plan.settings, plan.options
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_trial, data=data, model=plan.model, base=plan.base,
+            checkpoint_every=s.checkpoint_every, cpus_per_trial=opts.cpus_per_trial,
+        ),
+        {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+    )
+    param_space = {**plan.space.tune_domains(s.search), **opts.extra_space}
+    fs, storage_path = pyarrow_filesystem(plan.storage)
+    run_config = tune.RunConfig(
+        name=plan.name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if s.scheduler == "pbt" else 2),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        callbacks=_callbacks(plan),
+        # Ray's tables only at -v 2; by default TrialLines logs one line per trial.
+        verbose=2 if opts.verbose >= 2 else 0,
+    )
+    # CSV/JSON logs feed ResultGrid's per-epoch frames; TensorBoard's logger only adds noise
+    # ('Summary name ... is illegal' for every metric with '@').
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    if opts.verbose < 2:
+        # Tune's newer console output prints its configuration table and results path even at
+        # verbose=0; the classic reporter prints nothing there, and TrialLines says what matters.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Snapshot the experiment state after every controller step on local storage (cheap), so
+    # a driver killed right after a trial finished does not resume and rerun that trial; on
+    # object stores every snapshot is an upload, so at most every 5 s there.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0" if fs is None else "5")
+    if opts.resume:
+        if not tune.Tuner.can_restore(f"{storage_path}/{plan.name}", storage_filesystem=fs):
+            raise UserError(f"sweep '{plan.name}' has no Ray experiment state to resume in {plan.storage}")
+        tuner = tune.Tuner.restore(
+            f"{storage_path}/{plan.name}", trainable=trainable, param_space=param_space,
+            resume_unfinished=True, resume_errored=True, storage_filesystem=fs,
+        )
+        if getattr(tuner, "_local_tuner", None) is not None:
+            # Ray restores the callbacks pickled with the sweep; this run's --wandb/-v apply instead.
+            tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config(plan, reuse_actors), run_config=run_config)
+    return tuner.fit()
+
+def tune_config(plan: Plan, reuse_actors: bool = True):
+    """Scheduler, searcher and budget as Ray's TuneConfig (metric and mode set here only: ray-notes §0.5)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    s, opts = plan.settings, plan.options
+    metric = s.tune_metric
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=s.max_epochs, grace_period=s.grace_period,
+                                  reduction_factor=s.reduction_factor)
+    elif s.scheduler == "pbt":
+        scheduler = PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=plan.space.pbt_mutations(), quantile_fraction=s.quantile_fraction,
+            resample_probability=0.25, synch=s.pbt_synch,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    max_concurrent = opts.max_concurrent
+    num_samples = s.num_samples
+    if s.search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        # TPE starts with random points; with a small budget the default 20 would be all of it.
+        searcher = HyperOptSearch(n_initial_points=max(2, min(20, num_samples // 3)), random_state_seed=opts.seed)
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or _slots(opts))
+        max_concurrent = None
+    else:
+        # Tune ignores max_concurrent_trials when given a generator instance; it takes its own limit.
+        searcher = BasicVariantGenerator(random_state=opts.seed, max_concurrent=max_concurrent or 0)
+        max_concurrent = None
+        if s.search == "grid":
+            num_samples = 1  # a grid is covered exactly once
+    # Reusing worker processes saves each trial a process start and imports (~5 s on a small
+    # machine, bench/sweep_overhead.py); the trainable frees its GPU memory at the end.
+    return tune.TuneConfig(metric=metric, mode=s.mode, num_samples=num_samples, search_alg=searcher,
+                           scheduler=scheduler, max_concurrent_trials=max_concurrent,
+                           reuse_actors=reuse_actors)
+
+def _slots(opts: SweepOptions) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = resources.get("CPU", 1) / opts.cpus_per_trial
+    if opts.gpus_per_trial > 0:
+        slots = min(slots, resources.get("GPU", 0) / opts.gpus_per_trial)
+    return max(1, int(slots))
+
+def _callbacks(plan: Plan) -> list:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from rayrec.tracking import sweep_callbacks
+    from rayrec.tune.progress import TrialLines
+
+    s = plan.settings
+    total = None if s.search == "grid" else s.num_samples
+
+    loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
+    lines = [TrialLines(s.tune_metric, s.mode, s.max_epochs, total)] if plan.options.verbose >= 1 else []
+    return loggers + lines + sweep_callbacks(plan)
