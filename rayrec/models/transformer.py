@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from rayrec.models import ops
 
-
 # Positions per chunk when only the last state is wanted (scoring). CPU: an activation of a
 # chunk is a few MB and stays in the last-level cache through a block (ML-1M test
 # evaluation, 6,040 users x 200 positions: see docs/benchmarks.md); GPU: no chunking.
