@@ -86,6 +86,58 @@ def ray_session():
     ray.shutdown()
 
 
+# --- failure injection: rayrec's trainable wrapped (the package carries no test hooks) ----
+def failing_trainable():
+    """The trainable below, for `run_sweep(trial_function=failing_trainable())`. Ray's worker
+    processes cannot import conftest, so it travels to them by value."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return train_trial
+
+
+def train_trial(config, **kwargs):
+    """rayrec.tune.trainable.train_trial with failures injected.
+
+    Named like the real one, so Tune names trial directories the same (train_trial_*). Control
+    values come in the trial's config (SweepOptions.extra_space); they act only in an attempt
+    that started from scratch (no checkpoint in Tune or in the trial's storage), so once per
+    trial, and always before the report (and checkpoint) of their epoch reaches Tune:
+
+    - `_fail_at_epoch`: the trial raises (a retry starts from the previous checkpoint);
+    - `_kill_driver_at_epoch` with `_driver_pid`: SIGKILL the driver, after which the trial
+      still writes that epoch's checkpoint to storage, which the driver never records.
+    """
+    import signal
+
+    from ray import tune
+
+    from rayrec.tune import trainable
+
+    fail_at = int(config.get("_fail_at_epoch") or 0)
+    kill_at = int(config.get("_kill_driver_at_epoch") or 0)
+    driver_pid = int(config.get("_driver_pid") or 0)
+    fresh = tune.get_checkpoint() is None and trainable.newest_own_state(None, "cpu") is None
+    if not fresh or not (fail_at or (kill_at and driver_pid)):
+        return trainable.train_trial(config, **kwargs)
+    report = tune.report
+
+    def hooked_report(metrics, *args, **kw):
+        if metrics.get("epoch") == fail_at:
+            raise RuntimeError(f"injected failure at epoch {fail_at} (test hook)")
+        if kill_at and metrics.get("epoch") == kill_at:
+            os.kill(driver_pid, signal.SIGKILL)
+        return report(metrics, *args, **kw)
+
+    tune.report = hooked_report  # the trainable calls tune.report at call time
+    try:
+        return trainable.train_trial(config, **kwargs)
+    finally:
+        tune.report = report
+
+
 # --- hand-made finished sweeps (no Ray): what `rayrec sweep` exports, written directly -----
 SPACE = {
     "model": "sasrec",

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY, wait_for_ray_idle
+from conftest import REPO, TINY, failing_trainable, wait_for_ray_idle
 from rayrec.config import build_config
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
@@ -43,10 +43,10 @@ def tiny_data():
     return load_split(build_config("sasrec", overrides=dict(s.split("=") for s in TINY[:3])).data)
 
 
-def sweep(tmp_path, data, **kwargs):
+def sweep(tmp_path, data, trial_function=None, **kwargs):
     opts = SweepOptions(model="sasrec", storage=str(tmp_path / "sweeps"), sets=list(TINY), wandb="off",
                         cpus_per_trial=0.5, verbose=0, **kwargs)
-    return run_sweep(opts, data=data)
+    return run_sweep(opts, data=data, trial_function=trial_function)
 
 
 def test_asha_prunes_some_trials_and_lets_others_finish(ray_session, tmp_path, tiny_data):
@@ -134,7 +134,8 @@ def test_failed_trial_is_retried_from_its_checkpoint(ray_session, tmp_path, tiny
 
     space = tiny_space(tmp_path, {"train.lr": {**LR, "grid": [3e-3]}})
     result = sweep(tmp_path, tiny_data, space=space, name="retry", search="grid", scheduler="fifo", max_epochs=3,
-                   max_failures=1, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False)
+                   max_failures=1, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False,
+                   trial_function=failing_trainable())
     trials = result.trials
     assert len(trials) == 2 and (trials["status"] == "finished").all(), trials["error"].tolist()
     history = result.history
@@ -144,7 +145,8 @@ def test_failed_trial_is_retried_from_its_checkpoint(ray_session, tmp_path, tiny
 
     # Without retries the failure is recorded, and the other trial still finishes.
     result = sweep(tmp_path, tiny_data, space=space, name="noretry", search="grid", scheduler="fifo", max_epochs=3,
-                   max_failures=0, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False)
+                   max_failures=0, extra_space={"_fail_at_epoch": tune.grid_search([0, 2])}, evaluate_test=False,
+                   trial_function=failing_trainable())
     statuses = sorted(result.trials["status"])
     assert statuses == ["errored", "finished"]
     assert "injected failure" in result.trials.loc[result.trials["status"] == "errored", "error"].iloc[0]
@@ -212,13 +214,15 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     space = tiny_space(tmp_path, {"train.lr": LR})
     storage = tmp_path / "sweeps"
     script = (
-        "import os\n"
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from conftest import failing_trainable\n"
         "from rayrec.tune.sweep import SweepOptions, run_sweep\n"
         f"run_sweep(SweepOptions(model='sasrec', name='lost', storage={str(storage)!r}, space={space!r},"
         f" sets={TINY!r}, search='random', scheduler='fifo', num_samples=1, max_epochs=4, cpus_per_trial=1,"
         f" wandb='off', verbose=0, evaluate_test=False,"
         f" address={ray_session.get_runtime_context().gcs_address!r},"
-        " extra_space={'_kill_driver_at_epoch': 2, '_driver_pid': os.getpid()}))\n"
+        " extra_space={'_kill_driver_at_epoch': 2, '_driver_pid': os.getpid()}), trial_function=failing_trainable())\n"
     )
     driver = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=240)
     assert driver.returncode == -signal.SIGKILL, driver.stderr.decode()[-2000:]
@@ -227,7 +231,8 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     # Tune's restore wants the same param_space keys; the hook fires only in a from-scratch attempt.
     result = run_sweep(SweepOptions(name="lost", storage=str(storage), resume=True, wandb="off", verbose=0,
                                     cpus_per_trial=1, evaluate_test=False,
-                                    extra_space={"_kill_driver_at_epoch": 2, "_driver_pid": 0}))
+                                    extra_space={"_kill_driver_at_epoch": 2, "_driver_pid": 0}),
+                       trial_function=failing_trainable())
     history = result.history.sort_values("epoch")
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert (result.trials["status"] == "finished").all()

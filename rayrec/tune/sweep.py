@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 REUSE_ACTORS = True
 
 
-def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
-    """Plan, run (or resume) and export a sweep. `data` may be passed to skip loading."""
+def run_sweep(opts: SweepOptions, data=None, trial_function=None) -> SweepResult:
+    """Plan, run (or resume) and export a sweep. `data` may be passed to skip loading;
+    `trial_function` replaces the trainable (tests only, see tuner.fit_sweep)."""
     from rayrec.config import build_config
     from rayrec.data import load_split
     from rayrec.models import check_model_data
@@ -52,7 +53,7 @@ def run_sweep(opts: SweepOptions, data=None) -> SweepResult:
     check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
     if not opts.resume:
         write_yaml(join(plan.experiment, SPEC_FILE), spec_record(plan, data))
-    results = fit_sweep(plan, data, reuse_actors=REUSE_ACTORS)
+    results = fit_sweep(plan, data, reuse_actors=REUSE_ACTORS, trial_function=trial_function)
     result = export_results(plan, results, data)
     log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
     return result

@@ -17,7 +17,6 @@ import math
 import os
 import posixpath
 import re
-import signal
 import tempfile
 import time
 from typing import Any
@@ -77,77 +76,34 @@ def resolve_trial_config(model: str, base: dict[str, Any], sampled: dict[str, An
 
 def train_trial(config: dict[str, Any], data: SplitData | None = None, model: str = "", base: dict | None = None,
                 checkpoint_every: int = 1, cpus_per_trial: float = 1.0) -> None:
-    """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher.
-
-    Keys starting with '_' are control values, not config, for the tests; they act only in
-    an attempt that started without a checkpoint (so once per trial, for epochs after the
-    first checkpoint): `_fail_at_epoch` makes the trial raise at that epoch (retry from
-    checkpoint); `_kill_driver_at_epoch` with `_driver_pid` SIGKILLs the driver just before
-    that epoch's checkpoint is written, so the checkpoint reaches storage but never the
-    driver's state (resume).
-    """
-    fail_at_epoch = int(config.get("_fail_at_epoch", 0) or 0)
-    kill_driver_at = int(config.get("_kill_driver_at_epoch", 0) or 0)
+    """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher
+    (keys starting with '_' are not config: tests pass control values that way)."""
     started = time.time()
-    trial_id = tune.get_context().get_trial_id()
     device, gpu_ids = trial_device()
-    threads = trial_threads(cpus_per_trial)
-    cfg = resolve_trial_config(model, base or {}, config, threads, device)
+    cfg = resolve_trial_config(model, base or {}, config, trial_threads(cpus_per_trial), device)
     torch.set_num_threads(cfg.train.num_threads)
     trainer = Trainer(cfg, data, device=device)
-
-    restored: dict[str, Any] = {}
-    checkpoint = tune.get_checkpoint()
-    tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device) if checkpoint is not None else None
-    newer = newest_own_state(checkpoint, trainer.device)
-    state, reports = newer or tune_state or (None, [])  # reports: this lineage's, kept in its checkpoints
-    if state is not None:
-        trainer.load_state_dict(state)  # also applies this trial's weight decay to the optimiser
-        restored = {
-            "restored_epoch": trainer.epoch,
-            "restored_checksum": weights_checksum(trainer.model),
-        }
-    if newer is not None:
-        # Epochs this trial trained and checkpointed before the sweep stopped, which Tune's
-        # state does not know (a killed driver): report them again as they were (same
-        # figures, same trained_pid) instead of training them twice.
-        known = int(tune_state[0]["epoch"]) if tune_state is not None else 0
-        lost = [r for r in reports if int(r["epoch"]) > known]
-        for i, record in enumerate(lost):
-            _report(trainer, {**record, "replayed": 1}, reports if i == len(lost) - 1 else None)
-        if trainer.finished:
-            return
-    fresh = state is None
-    # Trials that resume must not re-run the epochs they already reported.
-    reported = {"first": True}
+    reports, restored, replayed = restore_trial(trainer)  # reports: this lineage's, kept in its checkpoints
+    if replayed and trainer.finished:
+        return
+    fixed = {
+        "config_lr": cfg.train.lr,
+        "config_weight_decay": cfg.train.weight_decay,
+        "device": device,
+        "gpu_ids": ",".join(str(g) for g in gpu_ids),
+        "trained_by": tune.get_context().get_trial_id(),  # history rebuilt from checkpoints keeps only the trial's own epochs
+        "trained_pid": os.getpid(),  # Ray overwrites "pid" with the reporting process, replays included
+        "node_id": get_runtime_context().get_node_id(),  # which node ran this epoch
+        "trial_started": started,  # wall clock, to see which trials ran at once
+    }
 
     def on_epoch(tr: Trainer, record: dict[str, Any]) -> None:
-        epoch = record["epoch"]
-        # The hooks fire only in an attempt that started from scratch, so once per trial.
-        if fail_at_epoch and epoch == fail_at_epoch and fresh:
-            raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
-        if kill_driver_at and epoch == kill_driver_at and fresh:
-            os.kill(int(config["_driver_pid"]), signal.SIGKILL)
-        metrics = {k: _scalar(v) for k, v in record.items() if not k.startswith("test")}
-        metrics["stop_reason"] = tr.stop_reason
-        metrics["weights_checksum"] = weights_checksum(tr.model)
-        metrics["optimizer_lr"] = tr.optimizer.param_groups[0]["lr"] if tr.optimizer is not None else float("nan")
-        metrics["optimizer_weight_decay"] = tr.optimizer.param_groups[0]["weight_decay"] if tr.optimizer is not None else float("nan")
-        metrics["config_lr"] = cfg.train.lr
-        metrics["config_weight_decay"] = cfg.train.weight_decay
-        metrics["device"] = device
-        metrics["gpu_ids"] = ",".join(str(g) for g in gpu_ids)
-        metrics["trained_by"] = trial_id  # history rebuilt from checkpoints keeps only the trial's own epochs
-        metrics["trained_pid"] = os.getpid()  # Ray overwrites "pid" with the reporting process, replays included
-        metrics["node_id"] = get_runtime_context().get_node_id()  # which node ran this epoch
-        metrics["trial_started"] = started  # wall clock, to see which trials ran at once
-        metrics["reported_at"] = time.time()
-        if reported["first"]:
-            metrics.update(restored or {"restored_epoch": 0, "restored_checksum": float("nan")})
-            reported["first"] = False
-        last = bool(tr.stop_reason) or epoch >= cfg.train.epochs
+        metrics = {**epoch_metrics(tr, record), **fixed, "reported_at": time.time()}
+        metrics.update(restored)  # the first report says where the trial started from
+        restored.clear()
+        last = bool(tr.stop_reason) or record["epoch"] >= cfg.train.epochs
         reports.append(metrics)
-        _report(tr, metrics, reports if epoch % checkpoint_every == 0 or last else None)
+        _report(tr, metrics, reports if record["epoch"] % checkpoint_every == 0 or last else None)
 
     try:
         trainer.fit(on_epoch=on_epoch)
@@ -160,6 +116,43 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
 
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def restore_trial(trainer: Trainer) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    """Load the trial's checkpoint, if any, into `trainer`: (the lineage's reports so far, what
+    the first report says about the restore, whether epochs were replayed).
+
+    The checkpoint is Tune's (retry after a failure, sweep resume, PBT exploit) or, when newer,
+    the trial's own newest one in storage (a killed driver never registered it). Epochs that
+    only the newer one knows are reported again as they were (same figures, same trained_pid)
+    instead of being trained twice.
+    """
+    checkpoint = tune.get_checkpoint()
+    tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device) if checkpoint is not None else None
+    newer = newest_own_state(checkpoint, trainer.device)
+    state, reports = newer or tune_state or (None, [])
+    if state is None:
+        return reports, {"restored_epoch": 0, "restored_checksum": float("nan")}, False
+    trainer.load_state_dict(state)  # also applies this trial's weight decay to the optimiser
+    restored = {"restored_epoch": trainer.epoch, "restored_checksum": weights_checksum(trainer.model)}
+    if newer is not None:
+        known = int(tune_state[0]["epoch"]) if tune_state is not None else 0
+        lost = [r for r in reports if int(r["epoch"]) > known]
+        for i, record in enumerate(lost):
+            _report(trainer, {**record, "replayed": 1}, reports if i == len(lost) - 1 else None)
+    return reports, restored, newer is not None
+
+
+def epoch_metrics(trainer: Trainer, record: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports for an epoch: the trainer's record (never test metrics) and the
+    optimiser's actual lr and weight decay, which PBT tests compare with the config's."""
+    optimizer = trainer.optimizer
+    metrics = {k: _scalar(v) for k, v in record.items() if not k.startswith("test")}
+    metrics["stop_reason"] = trainer.stop_reason
+    metrics["weights_checksum"] = weights_checksum(trainer.model)
+    metrics["optimizer_lr"] = optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan")
+    metrics["optimizer_weight_decay"] = optimizer.param_groups[0]["weight_decay"] if optimizer is not None else float("nan")
+    return metrics
 
 
 def _report(trainer: Trainer, metrics: dict[str, Any], reports: list[dict[str, Any]] | None) -> None:

@@ -70,8 +70,12 @@ def check_local_gpus(opts: SweepOptions) -> None:
 def _autoscaling() -> bool:
     return bool(os.environ.get("RAYREC_AUTOSCALING"))
 
-def fit_sweep(plan: Plan, data, reuse_actors: bool = True):
-    """Assemble the Tuner (or restore it, for --resume) and run it; Ray's ResultGrid."""
+def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None):
+    """Assemble the Tuner (or restore it, for --resume) and run it; Ray's ResultGrid.
+
+    `trial_function` replaces trainable.train_trial, with the same signature (tests wrap it
+    to inject failures); Tune names trials after it.
+    """
     from ray import tune
 
     from rayrec.tune.storage_handoff import pyarrow_filesystem
@@ -80,7 +84,7 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True):
     s, opts = plan.settings, plan.options
     trainable = tune.with_resources(
         tune.with_parameters(
-            train_trial, data=data, model=plan.model, base=plan.base,
+            trial_function or train_trial, data=data, model=plan.model, base=plan.base,
             checkpoint_every=s.checkpoint_every, cpus_per_trial=opts.cpus_per_trial,
         ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
