@@ -22,8 +22,9 @@ def did_you_mean(value: str, valid) -> str:
     return f"valid: {', '.join(valid)}{hint}"
 
 
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, typed: bool = True) -> str:
     """'Type: first line of the message' for logs and tables; 'Type' alone for an empty message.
+    `typed=False`: the message's first line alone, for a user error that says what failed.
 
     Ray wraps a trial's or task's exception (RayTaskError, whose text starts with the
     worker's traceback header); the original exception, in `.cause`, is the one described.
@@ -32,4 +33,6 @@ def first_line(exc: BaseException) -> str:
     if isinstance(cause, BaseException):
         exc = cause
     lines = str(exc).strip().splitlines()
+    if not typed:
+        return lines[0] if lines else type(exc).__name__
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

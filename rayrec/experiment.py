@@ -46,6 +46,13 @@ STATE_FILE = "trainer.pt"  # the full trainer state (Trainer.state_dict)
 REPORTS_FILE = "reports.json"  # every report of the trial's lineage so far
 
 
+def utc_timestamp() -> str:
+    """Now, as the records of a run or sweep state it: UTC, ISO 8601, whole seconds."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def default_storage() -> str:
     """Where sweeps live without --storage: $RAYREC_STORAGE, else ./sweeps."""
     return os.environ.get("RAYREC_STORAGE") or os.path.abspath("sweeps")

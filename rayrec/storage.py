@@ -66,7 +66,7 @@ def split_url(url: str, probe: bool = False) -> tuple[Any, str]:
     except ImportError as exc:
         raise UserError(f"storage protocol '{protocol}' needs a package that is not installed: {exc}") from None
     except (ValueError, TypeError) as exc:
-        raise UserError(f"malformed storage URL '{display(url)}': {_short(exc)}") from None
+        raise UserError(f"malformed storage URL '{display(url)}': {error_line(exc)}") from None
     if probe and protocol in ("s3", "s3a"):
         fs.retries = 1  # s3fs's own retry loop, on top of botocore's
     return fs, path
@@ -208,7 +208,7 @@ def _storage_error(exc: BaseException, url: str, verb: str) -> BaseException:
     if isinstance(exc, UserError):
         return exc
     shown, name = display(url), type(exc).__name__
-    text = _short(exc)
+    text = error_line(exc)
     bucket = _bucket(url)
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
         if bucket and ("bucket" in text.lower() or "NoSuchBucket" in text):
@@ -361,8 +361,9 @@ def read_parquet(url: str):
     return pd.read_parquet(io.BytesIO(read_bytes(url)))
 
 
-def _short(exc: BaseException) -> str:
-    """First line of an exception, with storage variables' values (endpoint, keys) masked."""
+def error_line(exc: BaseException) -> str:
+    """errors.first_line, with storage variables' values (endpoint, keys) masked: for messages
+    and logs about storage and tracking."""
     return redact(first_line(exc))
 
 

@@ -33,6 +33,8 @@ import struct
 import tempfile
 from typing import Any
 
+from rayrec.storage import error_line
+
 log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "off")
@@ -162,7 +164,7 @@ def _callback_class():
                 super().run()
             except Exception as exc:  # noqa: BLE001 - W&B must not fail the trial or the sweep
                 logging.getLogger("rayrec.tracking").warning(
-                    "W&B: run %s not logged: %s", self._trial_name, _first_line(exc))
+                    "W&B: run %s not logged: %s", self._trial_name, error_line(exc))
                 while self.queue.get()[0] != _QueueItem.END:
                     pass
             finally:
@@ -208,7 +210,7 @@ def _callback_class():
                 return getattr(super(), method)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - W&B must not fail the sweep
                 self._failed = True
-                log.warning("W&B: logging stopped after an error (%s); the sweep goes on", _first_line(exc))
+                log.warning("W&B: logging stopped after an error (%s); the sweep goes on", error_line(exc))
                 return None
 
         def log_trial_start(self, trial):
@@ -231,7 +233,7 @@ def _callback_class():
                 self._trial_queues[trial].actor.put.remote((_QueueItem.RESULT, result), None)
             except Exception as exc:  # noqa: BLE001 - W&B must not fail the sweep
                 self._failed = True
-                log.warning("W&B: logging stopped after an error (%s); the sweep goes on", _first_line(exc))
+                log.warning("W&B: logging stopped after an error (%s); the sweep goes on", error_line(exc))
 
         def log_trial_save(self, trial):
             self._guarded("log_trial_save", trial)
@@ -244,7 +246,7 @@ def _callback_class():
             try:
                 super().on_experiment_end(trials, **info)
             except Exception as exc:  # noqa: BLE001
-                log.warning("W&B: finishing runs failed (%s)", _first_line(exc))
+                log.warning("W&B: finishing runs failed (%s)", error_line(exc))
 
     for cls in (_SafeWandbActor, _SafeWandbCallback):
         cls.__qualname__ = cls.__name__  # importable by name, so pickles refer to it
@@ -321,7 +323,7 @@ def log_sweep_summary(plan: Any, result: Any) -> str | None:
         if result.best:
             run_id = _log_summary(plan, result, mode)
     except Exception as exc:  # noqa: BLE001 - W&B must not fail the sweep
-        log.warning("W&B: summary run not logged (%s)", _first_line(exc))
+        log.warning("W&B: summary run not logged (%s)", error_line(exc))
     publish_wandb_files(plan)
     return run_id
 
@@ -379,7 +381,7 @@ def publish_wandb_files(plan: Any) -> None:
     try:
         publish_dir(local, join(plan.experiment, "wandb"))
     except Exception as exc:  # noqa: BLE001
-        log.warning("W&B: offline files not copied to %s (%s); they stay in %s", plan.experiment, _first_line(exc), local)
+        log.warning("W&B: offline files not copied to %s (%s); they stay in %s", plan.experiment, error_line(exc), local)
 
 
 def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None) -> str:
@@ -416,17 +418,10 @@ def _bounded(fn, what: str, timeout: float | None = None):
     worker.start()
     worker.join(timeout or TIMEOUT_S)
     if worker.is_alive() or "error" in out:
-        reason = _first_line(out["error"]) if "error" in out else f"no answer within {timeout or TIMEOUT_S:.0f} s"
+        reason = error_line(out["error"]) if "error" in out else f"no answer within {timeout or TIMEOUT_S:.0f} s"
         log.warning("W&B: %s failed (%s); continuing without it", what, reason)
         return None
     return out.get("value")
-
-
-def _first_line(exc: BaseException) -> str:
-    from rayrec.errors import first_line
-    from rayrec.storage import redact
-
-    return redact(first_line(exc))
 
 
 # --- reading offline runs back ----------------------------------------------------------

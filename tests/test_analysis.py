@@ -261,6 +261,14 @@ def test_first_line_is_the_first_line_of_the_original_exception():
     wrapped = RayTaskError("train", "Traceback (most recent call last):\n  File x\nRuntimeError: boom",
                            RuntimeError("injected failure at epoch 2\nsecond line")).as_instanceof_cause()
     assert first_line(wrapped) == "RuntimeError: injected failure at epoch 2"
+    assert first_line(ValueError("bad value\n  detail"), typed=False) == "bad value"
+
+
+def test_error_line_masks_storage_secrets(monkeypatch):
+    from rayrec.storage import error_line
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    assert error_line(OSError("denied with s3cr3t-value\nmore")) == "OSError: denied with $AWS_SECRET_ACCESS_KEY"
 
 
 def test_final_train_on_valid_follows_the_trials_learning_rate_path_and_reports_test_groups(tmp_path):

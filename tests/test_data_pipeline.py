@@ -159,6 +159,18 @@ def test_ratio_never_leaves_a_user_without_training_items():
     assert (train.lengths() + valid.lengths() + test.lengths()).tolist() == [2, 3, 4]
 
 
+def test_lightgcn_validation_carve_holds_out_what_the_ratio_split_would():
+    """One per-user random hold-out serves both: same seed and ratio, same items held out."""
+    from rayrec.data.lightgcn_format import carve_validation
+
+    data = interactions([10, 5, 2, 1, 7])
+    train, valid, _, _ = split_interactions(data, "ratio", True, 3, 0.3, 0.0)
+    carved_train, carved_valid = carve_validation(
+        split_interactions(data, "ratio", True, 3, 0.0, 0.0)[0], 0.3, seed=3)
+    assert pairs_of(carved_valid) == pairs_of(valid) and pairs_of(carved_train) == pairs_of(train)
+    assert valid.lengths().tolist() == [3, 2, 1, 0, 2]
+
+
 def test_temporal_split_cuts_global_time():
     data = interactions([4, 6])  # timestamps 0..9 over both users
     train, valid, test, info = split_interactions(data, "temporal", True, 0, 0.2, 0.2)

@@ -110,22 +110,17 @@ def load_lightgcn_dir(path: str, name: str, valid_ratio: float = 0.1, seed: int 
 
 
 def carve_validation(train: CSR, ratio: float, seed: int) -> tuple[CSR, CSR]:
-    """Move round(ratio * n) random items of each user's row (at most n - 1) into validation.
+    """Move round(ratio * n) random items of each user's row (at most n - 1) into validation:
+    the same seeded draw as the ratio split (splits.random_rank_in_user). Both outputs keep
+    the input's order."""
+    from rayrec.data.splits import holdout_quota, random_rank_in_user
 
-    Vectorised: one random key per interaction, a sort by (user, key), and the first
-    n_valid positions of each row go to validation. Both outputs keep the input's order.
-    """
     n_rows = train.n_rows
     if ratio <= 0 or train.nnz == 0:
         return train, CSR(np.zeros(n_rows + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
     lengths = train.lengths()
-    n_valid = np.clip(np.floor(lengths * ratio + 0.5).astype(np.int64), 0, np.maximum(lengths - 1, 0))
     users = train.rows()
-    # user + a key in [0, 1): one argsort orders row by row, randomly inside each row.
-    order = np.argsort(users + np.random.default_rng(seed).random(train.nnz))
-    rank = np.arange(train.nnz) - train.indptr[users[order]]
-    to_valid = np.empty(train.nnz, dtype=bool)
-    to_valid[order] = rank < n_valid[users[order]]
+    to_valid = random_rank_in_user(users, n_rows, seed) < holdout_quota(lengths, ratio, lengths - 1)[users]
     return (
         CSR.from_pairs(users[~to_valid], train.items[~to_valid], n_rows),
         CSR.from_pairs(users[to_valid], train.items[to_valid], n_rows),

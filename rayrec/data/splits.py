@@ -62,6 +62,26 @@ def leave_one_out_split(data: Interactions, ordered: bool, seed: int, **_) -> tu
     return part, info
 
 
+def random_rank_in_user(user: np.ndarray, n_users: int, seed: int) -> np.ndarray:
+    """Each row's rank (0 .. n - 1) among its user's n rows, in a seeded random order.
+
+    One random key per row and a sort by (user, key). The per-user random hold-outs (the
+    ratio split, lightgcn_format's validation carve) take the rows ranked below a quota.
+    """
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(user)), user))
+    counts = np.bincount(user, minlength=n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(user), dtype=np.int64)
+    rank[order] = np.arange(len(user)) - starts[user[order]]
+    return rank
+
+
+def holdout_quota(counts: np.ndarray, ratio: float, at_most: np.ndarray) -> np.ndarray:
+    """round(count * ratio), half-up, capped at `at_most` (never below 0)."""
+    return np.minimum(np.floor(counts * ratio + 0.5).astype(np.int64), np.maximum(at_most, 0))
+
+
 def ratio_split(
     data: Interactions, ordered: bool, seed: int, valid_ratio: float, test_ratio: float, **_
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -70,16 +90,10 @@ def ratio_split(
     Rounding is half-up. Every user keeps at least one training item: when the rounded
     shares would leave none, validation shrinks first, then test.
     """
-    rng = np.random.default_rng(seed)
-    # Random rank within each user: sort by (user, random key).
-    order = np.lexsort((rng.random(len(data.user)), data.user))
+    rank = random_rank_in_user(data.user, data.n_users, seed)
     counts = np.bincount(data.user, minlength=data.n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(len(data.user), dtype=np.int64)
-    rank[order] = np.arange(len(data.user)) - starts[data.user[order]]
-
-    n_test = np.minimum(np.floor(counts * test_ratio + 0.5).astype(np.int64), np.maximum(counts - 1, 0))
-    n_valid = np.minimum(np.floor(counts * valid_ratio + 0.5).astype(np.int64), np.maximum(counts - 1 - n_test, 0))
+    n_test = holdout_quota(counts, test_ratio, counts - 1)
+    n_valid = holdout_quota(counts, valid_ratio, counts - 1 - n_test)
     row_test, row_valid = n_test[data.user], n_valid[data.user]  # the row's user's quotas
     part = np.full(len(data.user), TRAIN, dtype=np.int8)
     part[rank < row_test] = TEST

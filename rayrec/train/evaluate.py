@@ -179,8 +179,7 @@ def rank_users(
                 # A user with fewer than kmax unmasked items gets masked picks: make them misses.
                 top_ids = top_ids.masked_fill(top_scores == float("-inf"), 0)
                 tgt_idx = torch.from_numpy(padded_rows(targets, batch_users)).to(device)  # [B, T]
-                ordered, real = M.distinct_targets(tgt_idx)  # [B, T] each
-                batch_metrics = M.ranking_metrics(M.target_hits(top_ids, ordered), real.sum(1), ks)
+                batch_metrics = M.full_ranking_metrics(top_ids, tgt_idx, ks)
                 for k in ks:
                     M.mark_recommended(seen[k], top_ids[:, :k])
                 if n_sampled > 0:

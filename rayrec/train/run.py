@@ -23,7 +23,8 @@ import torch
 import rayrec
 from rayrec.config import Config
 from rayrec.data.types import SplitData
-from rayrec.errors import UserError
+from rayrec.errors import UserError, first_line
+from rayrec.experiment import utc_timestamp
 from rayrec.train.trainer import FitResult, Trainer, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def checkpoint_payload(trainer: Trainer, fit: FitResult) -> dict[str, Any]:
             "metric": metric,
             "metric_value": float(fit.best_metrics.get(metric, float("nan"))),
             "best_epoch": fit.best_epoch,
-            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "time": utc_timestamp(),
             "rayrec_version": rayrec.__version__,
             "torch_version": str(torch.__version__),
         },
@@ -106,8 +107,7 @@ def init_from_checkpoint(trainer: Trainer, url: str) -> None:
     try:
         trainer.model.load_state_dict(payload["model"])
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"--init-from checkpoint does not fit this model's shape: {first}") from None
+        raise UserError(f"--init-from checkpoint does not fit this model's shape: {first_line(exc, typed=False)}") from None
 
 
 def default_output(cfg: Config) -> str:

@@ -15,7 +15,6 @@ to `final_history` with `forced: true`; the first record is never overwritten.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayrec.errors import UserError, first_line
-from rayrec.experiment import BEST_FILE, CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, ROBUST_FILE, SUMMARY_FILE
+from rayrec.experiment import BEST_FILE, CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, ROBUST_FILE, SUMMARY_FILE, utc_timestamp
 from rayrec.storage import plain
 from rayrec.tune.diagnostics import best_epochs
 from rayrec.tune.narrow import export_robust, robust_config
@@ -151,7 +150,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
         "seeds": opts.seeds,
         "max_std": opts.max_std,
         "tolerance": opts.tolerance,
-        "created": _now(),
+        "created": utc_timestamp(),
         "configs": stats.to_dict(orient="records"),
     }))
     return ConfirmResult(runs=runs, stats=stats, experiment=results.experiment)
@@ -293,7 +292,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         "metric": results.metric,
         "run": output,
         "seconds": round(time.perf_counter() - start, 1),
-        "timestamp": _now(),
+        "timestamp": utc_timestamp(),
         "forced": bool(previous),
         # The sweep itself may have evaluated its best checkpoint on test (summary.yaml); say so.
         "sweep_evaluated_test": bool((summary.get("best") or {}).get("test")),
@@ -329,7 +328,3 @@ def _unused_run_dir(results: SweepResults) -> str:
         n += 1
         name = f"final-{n}"
     return results.file(name)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

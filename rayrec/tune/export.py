@@ -10,7 +10,6 @@ checkpoint evaluated on test once, as its own step.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 from rayrec.config import DEFAULT_METRIC, flatten
 from rayrec.errors import first_line
-from rayrec.experiment import BEST_FILE, HISTORY_FILE, SUMMARY_FILE, TRIALS_FILE
+from rayrec.experiment import BEST_FILE, HISTORY_FILE, SUMMARY_FILE, TRIALS_FILE, utc_timestamp
 from rayrec.storage import join, plain, to_url, write_parquet, write_yaml
 from rayrec.tune.plan import Plan
 from rayrec.tune.results import classify, format_value
@@ -134,8 +133,7 @@ def evaluate_best_on_test(checkpoint, resolved: dict[str, Any], data) -> dict[st
     """The best checkpoint's test metrics: the sweep's one look at test (skipped with --no-test)."""
     from rayrec.tune.trainable import evaluate_checkpoint_on_test
 
-    with checkpoint.as_directory() as d:
-        return evaluate_checkpoint_on_test(d, resolved, data)
+    return evaluate_checkpoint_on_test(checkpoint, resolved, data)
 
 
 def write_summary(plan: Plan, data, trials, best: dict[str, Any]) -> None:
@@ -150,7 +148,7 @@ def write_summary(plan: Plan, data, trials, best: dict[str, Any]) -> None:
         "trials": len(trials),
         "status_counts": trials["status"].value_counts().to_dict() if len(trials) else {},
         "best": plain(best),
-        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported": utc_timestamp(),
     }
     write_yaml(join(plan.experiment, SUMMARY_FILE), summary)
 

@@ -19,13 +19,12 @@ resolved form as best.yaml.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from rayrec.errors import UserError
-from rayrec.experiment import BEST_FILE, NARROW_FILE, NEXT_SPACE_FILE, ROBUST_FILE
+from rayrec.experiment import BEST_FILE, NARROW_FILE, NEXT_SPACE_FILE, ROBUST_FILE, utc_timestamp
 from rayrec.storage import plain
 from rayrec.tune.importance import Importance, parameter_importance
 from rayrec.tune.results import (
@@ -172,7 +171,7 @@ def write_narrowing(results: SweepResults, narrowing: Narrowing) -> str:
     imp = narrowing.importance
     lines = [
         f"# Search space narrowed by `rayrec narrow` from sweep {results.experiment}",
-        f"# on {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}: {narrowing.n_trials} completed trials, "
+        f"# on {utc_timestamp()}: {narrowing.n_trials} completed trials, "
         f"top {len(narrowing.top_trials)} by {results.value_col}.",
         f"# Next stage: {narrowing.next_stage or '(the space defines no stages)'}; run it with "
         f"`rayrec sweep {results.model} --from {results.experiment}`.",

@@ -15,7 +15,7 @@ from typing import Any
 
 from rayrec.config import build_config, command_layers, overlay
 from rayrec.errors import UserError
-from rayrec.experiment import SPEC_FILE, default_storage, experiment_url, known_sweeps_hint, next_space_source
+from rayrec.experiment import SPEC_FILE, default_storage, experiment_url, known_sweeps_hint, next_space_source, utc_timestamp
 from rayrec.tune.settings import SweepSettings
 from rayrec.tune.space import SearchSpace, diff_spaces, load_space, parse_space
 
@@ -156,7 +156,7 @@ def spec_record(plan: Plan, data) -> dict[str, Any]:
     return {
         "model": plan.model,
         "name": plan.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_timestamp(),
         "space": plan.space.to_dict(),
         "space_fingerprint": plan.space.fingerprint(),
         "base": plan.base,

@@ -28,7 +28,7 @@ from ray import get_runtime_context, tune
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
 from rayrec.experiment import REPORTS_FILE, STATE_FILE
-from rayrec.train.trainer import Trainer, load_state, save_state
+from rayrec.train.trainer import Trainer, save_state
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def _trial_storage():
 
 
 def read_checkpoint(fs, path: str, device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(trainer state, reports) of a checkpoint directory in storage."""
+    """(trainer state, reports) of a Tune checkpoint directory in storage: the one reader of
+    trial checkpoints (resume, retry, PBT exploit, the test evaluation), read where they lie."""
     path = path.rstrip("/")
     with fs.open_input_file(f"{path}/{STATE_FILE}") as fh:
         state = torch.load(io.BytesIO(fh.read()), map_location=device, weights_only=True)
@@ -240,14 +241,14 @@ def _scalar(v: Any) -> Any:
     return v
 
 
-def evaluate_checkpoint_on_test(checkpoint_dir: str, resolved: dict[str, Any], data: SplitData) -> dict[str, dict[str, float]]:
-    """Load a trial's checkpoint (its best weights) and evaluate on test, once, after the sweep
-    (Trainer.test_report: 'test' on all users, 'test_<group>' on the dataset's test groups)."""
+def evaluate_checkpoint_on_test(checkpoint, resolved: dict[str, Any], data: SplitData) -> dict[str, dict[str, float]]:
+    """Load a trial's Tune checkpoint (its best weights) and evaluate on test, once, after the
+    sweep (Trainer.test_report: 'test' on all users, 'test_<group>' on the dataset's test groups)."""
     from rayrec.config import config_from_dict
 
     cfg = config_from_dict(resolved)
     trainer = Trainer(cfg, data, device="cpu" if not torch.cuda.is_available() else None)
-    state = load_state(os.path.join(checkpoint_dir, STATE_FILE), trainer.device)
+    state, _ = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device)
     trainer.load_state_dict(state)
     if trainer.best_state:
         trainer.model.load_state_dict(trainer.best_state)

@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any
 
-from rayrec.errors import UserError
+from rayrec.errors import UserError, first_line
 from rayrec.tune.plan import Plan, SweepOptions
 
 
@@ -35,7 +35,7 @@ def connect_ray(address: str | None, verbose: int = 1) -> None:
             # 'local' never attaches to an unrelated cluster found in /tmp/ray (ray-notes §5).
             ray.init(address="local", include_dashboard=False, **kwargs)
     except ConnectionError as exc:
-        raise UserError(f"cannot connect to Ray at '{address}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot connect to Ray at '{address}': {first_line(exc, typed=False)}") from None
 
 def check_resources(gpus_per_trial: float, cpus_per_trial: float) -> dict[str, float]:
     import ray
