@@ -17,6 +17,16 @@ TINY_DATA = ["data.synthetic_users=150", "data.synthetic_items=60", "data.synthe
 TINY = [*TINY_DATA, "model.hidden=16", "model.blocks=1", "model.max_len=16", "train.eval_batch_size=256"]
 
 
+def tiny_space(tmp_path, params: dict, mutate: list[str] | None = None, fixed: dict | None = None) -> str:
+    """A SASRec search space with these params (PBT mutating `mutate`), written under tmp_path."""
+    space = {"model": "sasrec", "fixed": fixed or {}, "params": params}
+    if mutate:
+        space["pbt"] = {"mutate": mutate}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
 def set_flags(items: list[str]) -> list[str]:
     """Dotted key=value items as command-line arguments: --set a=1 --set b=2."""
     return [arg for item in items for arg in ("--set", item)]

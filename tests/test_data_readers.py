@@ -17,6 +17,11 @@ from rayrec.errors import UserError
 SHARED = datasets.shared_data_dir()
 
 
+def read_interactions(path: str, fmt: str, columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """Read and parse `path` (local path or fsspec URL) with the `fmt` parser, as datasets do."""
+    return readers.parse_interactions(readers.read_bytes(path), fmt, path, columns)
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -24,7 +29,7 @@ def write(path: Path, text: str) -> str:
 
 def test_grouplens_reads_tab_separated_rows(tmp_path):
     path = write(tmp_path / "u.data", "1\t10\t5\t100\n2\t20\t3\t99\n")
-    frame = readers.read_interactions(path, "grouplens")
+    frame = read_interactions(path, "grouplens")
     assert frame.columns.tolist() == ["user", "item", "rating", "timestamp"]
     assert frame["user"].tolist() == [1, 2] and frame["item"].tolist() == [10, 20]
     assert frame["rating"].tolist() == [5.0, 3.0] and frame["timestamp"].tolist() == [100.0, 99.0]
@@ -33,33 +38,33 @@ def test_grouplens_reads_tab_separated_rows(tmp_path):
 
 def test_ml1m_reads_double_colon_rows(tmp_path):
     path = write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n")
-    frame = readers.read_interactions(path, "ml-1m")
+    frame = read_interactions(path, "ml-1m")
     assert frame["item"].tolist() == [1193, 661]
     assert frame["timestamp"].tolist() == [978300760.0, 978302109.0]
 
 
 def test_inter_maps_recbole_header(tmp_path):
     text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\ti1\t4\t10\nu2\ti1\t2\t11\n"
-    frame = readers.read_interactions(write(tmp_path / "x.inter", text), "inter")
+    frame = read_interactions(write(tmp_path / "x.inter", text), "inter")
     assert frame.columns.tolist() == ["user", "item", "timestamp", "rating"]
     assert frame["user"].tolist() == ["u1", "u2"] and frame["rating"].tolist() == [4.0, 2.0]
 
 
 def test_inter_without_timestamp_column_is_unordered(tmp_path):
-    frame = readers.read_interactions(write(tmp_path / "x.inter", "user_id:token\titem_id:token\n1\t2\n"), "inter")
+    frame = read_interactions(write(tmp_path / "x.inter", "user_id:token\titem_id:token\n1\t2\n"), "inter")
     assert frame.columns.tolist() == ["user", "item"]
     assert not readers.is_ordered(frame, "inter")
 
 
 def test_pairs_keep_line_order_as_time_order(tmp_path):
-    frame = readers.read_interactions(write(tmp_path / "p.txt", "1 5\n1 3\n2 7\n"), "pairs")
+    frame = read_interactions(write(tmp_path / "p.txt", "1 5\n1 3\n2 7\n"), "pairs")
     assert frame.columns.tolist() == ["user", "item"]
     assert frame["item"].tolist() == [5, 3, 7]
     assert readers.is_ordered(frame, "pairs")
 
 
 def test_sequences_expand_one_line_per_user(tmp_path):
-    frame = readers.read_interactions(write(tmp_path / "s.txt", "1 5 3 9\n2 7\n3\n"), "sequences")
+    frame = read_interactions(write(tmp_path / "s.txt", "1 5 3 9\n2 7\n3\n"), "sequences")
     assert frame["user"].tolist() == [1, 1, 1, 2]
     assert frame["item"].tolist() == [5, 3, 9, 7]
     assert readers.is_ordered(frame, "sequences")
@@ -67,23 +72,23 @@ def test_sequences_expand_one_line_per_user(tmp_path):
 
 def test_csv_uses_column_mapping(tmp_path):
     path = write(tmp_path / "x.csv", "uid,mid,when,stars\na,x,3,1.5\nb,y,1,4\n")
-    frame = readers.read_interactions(path, "csv", {"user": "uid", "item": "mid", "timestamp": "when", "rating": "stars"})
+    frame = read_interactions(path, "csv", {"user": "uid", "item": "mid", "timestamp": "when", "rating": "stars"})
     assert frame.columns.tolist() == ["user", "item", "timestamp", "rating"]
     assert frame["timestamp"].tolist() == [3.0, 1.0]
 
 
 def test_numeric_ids_read_as_integers_so_2_sorts_before_10(tmp_path):
     path = write(tmp_path / "x.csv", "user,item\n10,2\n2,10\n")
-    frame = readers.read_interactions(path, "csv")
+    frame = read_interactions(path, "csv")
     assert frame["user"].dtype == np.int64 and frame["item"].dtype == np.int64
-    inter = readers.read_interactions(write(tmp_path / "x.inter", "user_id:token\titem_id:token\nu10\t7\n"), "inter")
+    inter = read_interactions(write(tmp_path / "x.inter", "user_id:token\titem_id:token\nu10\t7\n"), "inter")
     assert inter["user"].tolist() == ["u10"] and inter["item"].tolist() == [7]
 
 
 def test_csv_without_timestamp_is_unordered_and_dates_parse(tmp_path):
-    frame = readers.read_interactions(write(tmp_path / "x.csv", "user,item\n1,2\n"), "csv")
+    frame = read_interactions(write(tmp_path / "x.csv", "user,item\n1,2\n"), "csv")
     assert not readers.is_ordered(frame, "csv")
-    dated = readers.read_interactions(write(tmp_path / "d.csv", "user,item,timestamp\n1,2,1970-01-02\n"), "csv")
+    dated = read_interactions(write(tmp_path / "d.csv", "user,item,timestamp\n1,2,1970-01-02\n"), "csv")
     assert dated["timestamp"].tolist() == [86400.0]
 
 
@@ -96,12 +101,12 @@ def test_csv_without_timestamps_loads_unordered(tmp_path):
 
 def test_parquet_and_gzip_through_fsspec(tmp_path):
     pd.DataFrame({"u": [1, 2], "i": [3, 4], "t": [5, 6]}).to_parquet(tmp_path / "x.parquet")
-    frame = readers.read_interactions(str(tmp_path / "x.parquet"), "parquet", {"user": "u", "item": "i", "timestamp": "t"})
+    frame = read_interactions(str(tmp_path / "x.parquet"), "parquet", {"user": "u", "item": "i", "timestamp": "t"})
     assert frame["item"].tolist() == [3, 4] and readers.is_ordered(frame, "parquet")
     with gzip.open(tmp_path / "u.data.gz", "wt") as fh:
         fh.write("1\t2\t3\t4\n")
     assert readers.infer_format(str(tmp_path / "u.data.gz")) == "grouplens"
-    assert readers.read_interactions(f"file://{tmp_path}/u.data.gz", "grouplens")["item"].tolist() == [2]
+    assert read_interactions(f"file://{tmp_path}/u.data.gz", "grouplens")["item"].tolist() == [2]
 
 
 @pytest.mark.parametrize(
@@ -125,23 +130,23 @@ def test_missing_file_names_the_path(tmp_path):
 def test_garbled_file_names_format_and_layout(tmp_path):
     path = write(tmp_path / "u.data", "user,item,rating\n1,2,3\n")
     with pytest.raises(UserError, match="as format 'grouplens': expected tab-separated 'user item rating timestamp'"):
-        readers.read_interactions(path, "grouplens")
+        read_interactions(path, "grouplens")
     with pytest.raises(UserError, match="non-numeric rating"):
-        readers.read_interactions(write(tmp_path / "v.data", "1\t2\tgood\t4\n"), "grouplens")
+        read_interactions(write(tmp_path / "v.data", "1\t2\tgood\t4\n"), "grouplens")
     with pytest.raises(UserError, match="as format 'sequences'"):
-        readers.read_interactions(write(tmp_path / "s.txt", "a,b,c\nd,e\n"), "sequences")
+        read_interactions(write(tmp_path / "s.txt", "a,b,c\nd,e\n"), "sequences")
     with pytest.raises(UserError, match="as format 'parquet'"):
-        readers.read_interactions(write(tmp_path / "x.parquet", "not parquet"), "parquet")
+        read_interactions(write(tmp_path / "x.parquet", "not parquet"), "parquet")
 
 
 def test_missing_column_names_it_and_the_columns_present(tmp_path):
     path = write(tmp_path / "x.csv", "uid,mid\n1,2\n")
     with pytest.raises(UserError, match=r"'user'.* not in .*x.csv; columns present: uid, mid"):
-        readers.read_interactions(path, "csv")
+        read_interactions(path, "csv")
     with pytest.raises(UserError, match=r"data.columns.timestamp='ts' is not in .*columns present: uid, mid"):
-        readers.read_interactions(path, "csv", {"user": "uid", "item": "mid", "timestamp": "ts"})
+        read_interactions(path, "csv", {"user": "uid", "item": "mid", "timestamp": "ts"})
     with pytest.raises(UserError, match="item_id.*columns present: user_id, rating"):
-        readers.read_interactions(write(tmp_path / "x.inter", "user_id:token\trating:float\n1\t2\n"), "inter")
+        read_interactions(write(tmp_path / "x.inter", "user_id:token\trating:float\n1\t2\n"), "inter")
 
 
 def test_unknown_format_lists_valid_formats(tmp_path):

@@ -19,10 +19,9 @@ import threading
 import time
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, tiny_space
 from rayrec.cli import app
 from rayrec.errors import UserError
 from rayrec.storage import check_writable, display, split_url, storage_environment
@@ -218,11 +217,7 @@ def test_trial_processes_get_storage_settings_in_memory_not_in_pickles(ray_sessi
 
 
 # --- sweeps on S3 ----------------------------------------------------------------------------
-def tiny_space(tmp_path) -> str:
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({"model": "sasrec", "params": {
-        "train.lr": {"dist": "loguniform", "low": 1e-3, "high": 3e-2}}}))
-    return str(path)
+LR_SPACE = {"train.lr": {"dist": "loguniform", "low": 1e-3, "high": 3e-2}}
 
 
 def s3fs_fresh():
@@ -263,7 +258,7 @@ def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back
     experiment = f"{BUCKET}/sweeps/{name}"
     address = ray_session.get_runtime_context().gcs_address
     log = open(tmp_path / "driver.log", "wb")
-    cmd = sweep_cmd(tiny_space(tmp_path), name, storage, address, "--num-samples", "3", "--max-epochs", "3",
+    cmd = sweep_cmd(tiny_space(tmp_path, LR_SPACE), name, storage, address, "--num-samples", "3", "--max-epochs", "3",
                     "--max-concurrent", "1", "--wandb", "offline", "--no-test")
     driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "WANDB_MODE": "offline"})
@@ -374,7 +369,7 @@ def test_storage_outage_mid_sweep_loses_no_completed_result(ray_session, s3, tmp
     watcher = threading.Thread(target=storage_outage, daemon=True)
     watcher.start()
     result = run_sweep(SweepOptions(
-        model="sasrec", space=tiny_space(tmp_path), name=name, storage=storage, sets=list(TINY), search="random",
+        model="sasrec", space=tiny_space(tmp_path, LR_SPACE), name=name, storage=storage, sets=list(TINY), search="random",
         scheduler="fifo", num_samples=3, max_epochs=5, max_concurrent=2, cpus_per_trial=0.5, wandb="off",
         max_failures=2, verbose=0, evaluate_test=False))
     watcher.join(timeout=30)

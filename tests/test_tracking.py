@@ -12,21 +12,18 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, tiny_space
 from rayrec.cli import app
 from rayrec.errors import UserError
-from rayrec.tracking import read_offline_run, sweep_callbacks, wandb_mode, wandb_sweep_config
+from rayrec.tracking import sweep_callbacks, wandb_mode, wandb_sweep_config
 from rayrec.tune.sweep import SweepOptions, plan_sweep, run_sweep
+from wandb_offline import read_offline_run
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 
-def tiny_space(tmp_path) -> str:
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({"model": "sasrec", "params": {
-        "train.lr": {"dist": "loguniform", "low": 1e-3, "high": 3e-2},
-        "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.3}}}))
-    return str(path)
+SPACE_PARAMS = {"train.lr": {"dist": "loguniform", "low": 1e-3, "high": 3e-2},
+                "model.dropout": {"dist": "uniform", "low": 0.1, "high": 0.3}}
 
 
 @pytest.fixture
@@ -52,7 +49,7 @@ def test_bad_wandb_options_exit_2_in_one_line(no_wandb_env, tmp_path):
         wandb_mode("online")
     for value, expected in (("bogus", "--wandb 'bogus' is not valid; valid: online, offline, off"),
                             ("online", "--wandb online needs a W&B API key")):
-        result = CliRunner().invoke(app, ["sweep", "sasrec", "--space", tiny_space(tmp_path), "--wandb", value,
+        result = CliRunner().invoke(app, ["sweep", "sasrec", "--space", tiny_space(tmp_path, SPACE_PARAMS), "--wandb", value,
                                           "--storage", str(tmp_path / "s"), "--max-epochs", "1", "--grace-period", "1"])
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
@@ -66,7 +63,7 @@ def test_online_sweep_is_registered_once_as_a_wandb_sweep_and_runs_join_it(no_wa
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     calls = []
     monkeypatch.setattr(wandb, "sweep", lambda config, project=None, entity=None: calls.append(config) or "sw3ep1d")
-    plan = plan_sweep(SweepOptions(model="sasrec", space=tiny_space(tmp_path), name="wb", storage=str(tmp_path / "s"),
+    plan = plan_sweep(SweepOptions(model="sasrec", space=tiny_space(tmp_path, SPACE_PARAMS), name="wb", storage=str(tmp_path / "s"),
                                    sets=list(TINY), search="hyperopt", scheduler="asha", wandb="online",
                                    max_epochs=4, grace_period=1))
     config = wandb_sweep_config(plan)
@@ -92,7 +89,7 @@ def test_offline_sweep_logs_one_run_per_trial_and_a_summary_run(ray_session, no_
     # A key in the driver's environment must not reach Ray's logs (Ray's own callback puts it in runtime_env).
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     result = run_sweep(SweepOptions(
-        model="sasrec", space=tiny_space(tmp_path), name="wbsweep", storage=str(tmp_path / "sweeps"), sets=list(TINY),
+        model="sasrec", space=tiny_space(tmp_path, SPACE_PARAMS), name="wbsweep", storage=str(tmp_path / "sweeps"), sets=list(TINY),
         search="random", scheduler="fifo", num_samples=2, max_epochs=2, cpus_per_trial=0.5, wandb="offline",
         verbose=0))
     history = result.history
@@ -143,7 +140,7 @@ def test_a_failing_wandb_does_not_fail_the_sweep(ray_session, no_wandb_env, monk
     started = time.time()
     with caplog.at_level(logging.WARNING, logger="rayrec.tracking"):
         result = run_sweep(SweepOptions(
-            model="sasrec", space=tiny_space(tmp_path), name="wbfail", storage=str(tmp_path / "sweeps"),
+            model="sasrec", space=tiny_space(tmp_path, SPACE_PARAMS), name="wbfail", storage=str(tmp_path / "sweeps"),
             sets=list(TINY), search="random", scheduler="fifo", num_samples=2, max_epochs=2, cpus_per_trial=0.5,
             wandb="offline", verbose=0))
     assert len(result.trials) == 2 and (result.trials["status"] == "finished").all()

@@ -250,8 +250,3 @@ def parse_interactions(data: bytes, fmt: str, path: str, columns: dict[str, str]
     if parser is None:
         raise UserError(f"unknown data.format '{fmt}'; valid: {', '.join(sorted(PARSERS))}")
     return parser(data, path, dict(columns or {}))
-
-
-def read_interactions(path: str, fmt: str, columns: dict[str, str] | None = None) -> pd.DataFrame:
-    """Read and parse `path` (local path or fsspec URL) with the `fmt` parser."""
-    return parse_interactions(read_bytes(path), fmt, path, columns)
