@@ -56,10 +56,20 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert payload["meta"]["fingerprint"] == summary["fingerprint"]
     assert payload["meta"]["model"] == "sasrec" and payload["meta"]["metric"] == "val_ndcg@10"
 
-    # The recorded config reproduces the run, and a checkpoint warm-starts a new one.
-    again = run("train", "--config", out / "config.yaml", "--output", tmp_path / "again", "--no-progress",
-                "--init-from", out / "checkpoint.pt")
-    assert again.exit_code == 0, again.output
+    # The recorded config reproduces the run, and a checkpoint warm-starts a new one: with a
+    # negligible learning rate, the warm-started run ends where the checkpoint was, and a run
+    # without --init-from (what a stub that ignored it would do) does not.
+    def weights_after_one_epoch(name, *init):
+        result = run("train", "--config", out / "config.yaml", "--output", tmp_path / name, "--no-progress",
+                     "--epochs", 1, "--set", "train.lr=1e-12", *init)
+        assert result.exit_code == 0, result.output
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+
+    warm = weights_after_one_epoch("again", "--init-from", out / "checkpoint.pt")
+    cold = weights_after_one_epoch("cold")
+    assert warm.keys() == payload["model"].keys()
+    assert all(torch.allclose(warm[k], v, atol=1e-6) for k, v in payload["model"].items())
+    assert not all(torch.allclose(cold[k], v, atol=1e-3) for k, v in payload["model"].items())
 
 
 def _nothing_written(tmp_path, out):

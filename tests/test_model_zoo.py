@@ -211,6 +211,9 @@ def test_graph_models_accept_the_same_unordered_data(tmp_path):
     result = run("train", "bprmf", "--data", table, "--format", "csv", *columns, "--epochs", 1,
                  "--output", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
+    summary = yaml.safe_load((tmp_path / "run" / "summary.yaml").read_text())
+    assert summary["epochs_run"] == 1 and summary["model"] == "bprmf"
+    assert 0.0 <= summary["valid"]["ndcg@10"] <= 1.0 and summary["test"]["n_users"] > 0
 
 
 def test_ratio_split_keeps_every_user_with_a_training_item_and_reports_short_users(tmp_path):

@@ -12,24 +12,14 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import REPO, TINY, failing_trainable, wait_for_ray_idle
+from conftest import REPO, TINY, failing_trainable, tiny_space, wait_for_ray_idle
 from rayrec.config import build_config
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
 
 pytestmark = pytest.mark.ray
 
-
-
-def tiny_space(tmp_path, params: dict, mutate: list[str] | None = None, fixed: dict | None = None) -> str:
-    space = {"model": "sasrec", "fixed": fixed or {}, "params": params}
-    if mutate:
-        space["pbt"] = {"mutate": mutate}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return str(path)
 
 
 LR = {"dist": "loguniform", "low": 1e-4, "high": 3e-2}
@@ -119,14 +109,31 @@ def test_grid_covers_its_grid_exactly_once_and_best_config_reproduces(ray_sessio
                                resume=True, wandb="off", verbose=0))
 
 
-def test_hyperopt_and_random_search_run(ray_session, tmp_path, tiny_data):
+def test_hyperopt_proposes_its_own_seeded_points_and_random_search_others(ray_session, tmp_path, tiny_data):
+    """The hyperopt sweep's first trials are exactly what HyperOpt (TPE's random start, same
+    seed) suggests outside Tune; random search with the same seed draws other points."""
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    from rayrec.tune.space import load_space
+
     space = tiny_space(tmp_path, {"train.lr": LR, "model.loss": {"dist": "choice", "values": ["ce", "bce"]}})
+    configs = {}
     for search in ("hyperopt", "random"):
         result = sweep(tmp_path, tiny_data, space=space, name=f"s-{search}", search=search, scheduler="fifo",
                        num_samples=3, max_epochs=1, evaluate_test=False)
         assert len(result.trials) == 3
         assert (result.trials["status"] == "finished").all()
         assert result.trials["config/train.lr"].nunique() == 3
+        configs[search] = {(round(lr, 12), loss) for lr, loss in
+                           zip(result.trials["config/train.lr"], result.trials["config/model.loss"])}
+
+    # n_initial_points = max(2, 3 // 3) and the searcher seed 0, as tuner.tune_config builds it:
+    # its two random starting points are trials of the hyperopt sweep (the third is TPE's).
+    hyperopt = HyperOptSearch(n_initial_points=2, random_state_seed=0)
+    hyperopt.set_search_properties("val_ndcg@10", "max", load_space("sasrec", space).tune_domains("hyperopt"))
+    expected = [hyperopt.suggest(f"t{i}") for i in range(2)]
+    assert {(round(e["train.lr"], 12), e["model.loss"]) for e in expected} <= configs["hyperopt"]
+    assert not configs["hyperopt"] & configs["random"]
 
 
 def test_failed_trial_is_retried_from_its_checkpoint(ray_session, tmp_path, tiny_data):
