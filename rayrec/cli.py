@@ -120,10 +120,10 @@ def train(
 
     def on_epoch(trainer, record):
         best = " *" if trainer.has_validation and record.get("best_epoch") == record["epoch"] else ""
+        val = format_metrics(record, (metric, "hr@10"), "val_") if trainer.has_validation else "none"
         echo(
             f"epoch {record['epoch']:>3}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
-            f"lr {record['lr']:.2e}  val {format_metrics(record, (metric, 'hr@10'), 'val_')}  "
-            f"{record['epoch_seconds']:.1f}s{best}"
+            f"lr {record['lr']:.2e}  val {val}  {record['epoch_seconds']:.1f}s{best}"
         )
 
     result = train_run(cfg, split, output=output, init_from=init_from, on_epoch=on_epoch,

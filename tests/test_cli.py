@@ -213,6 +213,7 @@ def test_train_without_validation_users_says_it_selected_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "stopped: finished after 3 epochs; selected: none (no validation users)" in result.output
     assert "valid (best epoch)" not in result.output
+    assert "val none" in result.output and "nan" not in result.output  # epoch lines say so, not "recall@20 nan"
 
 
 def test_sweep_without_validation_users_is_refused_before_ray_starts(tmp_path):
