@@ -296,9 +296,7 @@ def test_gru4rec_losses_run_and_backpropagate(loss, data):
     model = small_gru(data, loss=loss, negatives=4)
     model.train()
     value = model.loss(first_batch(model, data))
-    assert value.dim() == 0 and torch.isfinite(value) and value.item() > 0
-    value.backward()  # a loss that trains: the item table gets a gradient
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
     assert model.item_emb.weight.grad.abs().sum() > 0
 
