@@ -296,6 +296,8 @@ img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
+# Long by design: the page's template, its sections in page order; split up, the layout of
+# one page would be scattered over a dozen functions.
 def render_html(results, ranked, figures, importance, diagnostics, lineage, confirm_stats, final, narrow) -> str:
     e = html.escape
     spec = results.spec

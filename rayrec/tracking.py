@@ -144,6 +144,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Long because it defines the callback class inside a function, so that Ray and wandb are
+# imported only when W&B logging is on; the methods are short.
 def _callback_class():
     """Ray's WandbLoggerCallback, made unable to fail the sweep."""
     if "_SafeWandbCallback" in globals():

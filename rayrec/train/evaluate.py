@@ -127,6 +127,8 @@ def split_last_item(rows: CSR) -> tuple[CSR, CSR]:
     return CSR(head_indptr, rows.items[keep]), CSR(tail_indptr, rows.items[last])
 
 
+# Long: the evaluation loop in one piece, so each batch's scores are masked, ranked and
+# consumed in place (no copy of a [B, n_items] matrix leaves the loop).
 def rank_users(
     model,
     history: CSR,

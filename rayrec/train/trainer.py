@@ -382,13 +382,19 @@ def save_state(state: dict[str, Any], path: str) -> None:
         torch.save(state, fh)
 
 
+def read_state(fh, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The one reader of saved trainer states and checkpoints, from an open binary file:
+    weights_only=True, so a checkpoint cannot run code."""
+    return torch.load(fh, map_location=device, weights_only=True)
+
+
 def load_state(path: str, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a state saved by save_state; weights_only=True so a checkpoint cannot run code."""
+    """Load a state saved by save_state from a local path or fsspec URL."""
     import fsspec
 
     try:
         with fsspec.open(path, "rb") as fh:
-            return torch.load(fh, map_location=device, weights_only=True)
+            return read_state(fh, device)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
 

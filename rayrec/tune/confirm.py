@@ -230,6 +230,8 @@ class FinalOptions:
     robust_k: int = 5
 
 
+# Long: the steps of the test-once lock in order (resolve, refuse a second test, retrain,
+# evaluate on test once, record); splitting them would let a caller skip the lock.
 def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
     """Retrain the chosen config, evaluate on test once, and record it in final.yaml."""
     from rayrec.config import build_config

@@ -17,6 +17,8 @@ class DiagnosticThresholds:
     coverage_floor: float = 0.05  # coverage@10 below this: recommendations collapsed to few items
     coverage_ratio: float = 0.25  # ... or below this fraction of the best trial's coverage
 
+# Long: one short block per diagnostic over the same per-trial frame, kept together so each
+# flag reads beside its threshold.
 def diagnose(results: SweepResults, thresholds: DiagnosticThresholds | None = None):
     """One row per trial: train/validation gap, dead training, coverage collapse, and flags."""
     import numpy as np

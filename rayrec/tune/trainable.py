@@ -28,7 +28,7 @@ from ray import get_runtime_context, tune
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
 from rayrec.experiment import REPORTS_FILE, STATE_FILE
-from rayrec.train.trainer import Trainer, save_state
+from rayrec.train.trainer import Trainer, read_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def read_checkpoint(fs, path: str, device) -> tuple[dict[str, Any], list[dict[st
     trial checkpoints (resume, retry, PBT exploit, the test evaluation), read where they lie."""
     path = path.rstrip("/")
     with fs.open_input_file(f"{path}/{STATE_FILE}") as fh:
-        state = torch.load(io.BytesIO(fh.read()), map_location=device, weights_only=True)
+        state = read_state(io.BytesIO(fh.read()), device)
     return state, checkpoint_reports(fs, path)
 
 
