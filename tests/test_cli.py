@@ -216,12 +216,15 @@ def test_train_without_validation_users_says_it_selected_nothing(tmp_path):
     assert "val none" in result.output and "nan" not in result.output  # epoch lines say so, not "recall@20 nan"
 
 
-def test_sweep_without_validation_users_is_refused_before_ray_starts(tmp_path):
+def test_sweep_without_validation_users_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    from rayrec.tune import sweep
+
+    def no_ray(*args, **kwargs):  # whether or not an earlier test started the shared Ray
+        raise AssertionError("the sweep reached connect_ray before refusing")
+
+    monkeypatch.setattr(sweep, "connect_ray", no_ray)
     storage = tmp_path / "sweeps"
     result = run("sweep", "bprmf", "--stage", "smoke", "--name", "nv", "--storage", storage, "--wandb", "off",
                  *NO_VALIDATION)
     assert_user_error(result, "no validation users", "data.valid_ratio")
     assert not (storage / "nv").exists()
-    import ray
-
-    assert not ray.is_initialized()
