@@ -99,16 +99,12 @@ def locality_order(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
 def permuted(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, order: torch.Tensor):
     """The CSR parts of P A P^T for the node order `order`: row and column i are node order[i]'s."""
     rank = torch.argsort(order)
-    lengths = (crow[1:] - crow[:-1])[order]  # (n,) row lengths in the new order
-    new_crow = torch.zeros_like(crow)
-    torch.cumsum(lengths, 0, out=new_crow[1:])
-    starts = crow[order]
-    take = torch.repeat_interleave(starts - new_crow[:-1], lengths) + torch.arange(int(new_crow[-1]))
-    new_col, new_values = rank[col[take]], values[take]
-    # Columns sorted within each row, as CSR kernels expect: sort by (row, column) keys.
-    row_ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    by = torch.argsort(row_ids * len(lengths) + new_col)
-    return new_crow, new_col[by], new_values[by]
+    rows = row_subset(crow, col, values, order)  # A's rows in the new order, columns still node ids
+    new_crow, new_col = rows.crow_indices(), rank[rows.col_indices()]
+    # Columns ascending within each row, as CSR kernels expect: sort by (row, column) keys.
+    row_ids = torch.repeat_interleave(torch.arange(len(order)), new_crow[1:] - new_crow[:-1])
+    by = torch.argsort(row_ids * len(order) + new_col)
+    return new_crow, new_col[by], rows.values()[by]
 
 
 def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
