@@ -158,8 +158,7 @@ class LightGCN(BPRMF):
         self.register_buffer("adj_crow", crow, persistent=False)
         self.register_buffer("adj_col", col, persistent=False)
         self.register_buffer("adj_values", values, persistent=False)
-        # order[i]: the node at position i of the propagation order; rank: its inverse.
-        self.register_buffer("node_order", order, persistent=False)
+        # node_rank[v]: node v's position in the propagation order (order[i] is the node at i).
         self.register_buffer("node_rank", torch.argsort(order), persistent=False)
         # One table of ego embeddings, users then items, stored in propagation order, so a
         # step neither concatenates nor permutes the tables (three full-table passes).
@@ -177,7 +176,7 @@ class LightGCN(BPRMF):
     @property
     def adj(self) -> torch.Tensor:
         """The normalised adjacency D^-1/2 A D^-1/2, sparse CSR (U + N, U + N), on the model's device,
-        with rows and columns in propagation order (`node_order`)."""
+        with rows and columns in propagation order (see `node_rank`)."""
         return csr_tensor(self.adj_crow, self.adj_col, self.adj_values)
 
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
