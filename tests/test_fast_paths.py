@@ -91,9 +91,9 @@ def padded_batch(seed: int, rows: int = 24, width: int = 20) -> torch.Tensor:
     return seq.masked_fill(torch.arange(width)[None, :] >= torch.as_tensor(lengths)[:, None], 0)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_padded_batch_equals_each_row_alone(causal):
-    model = encoder(causal)
+@pytest.mark.parametrize("causal,layout", [(True, "pre"), (False, "pre"), (True, "sasrec")])
+def test_padded_batch_equals_each_row_alone(causal, layout):
+    model = encoder(causal, layout=layout)
     seq = padded_batch(0)
     with torch.no_grad():
         states = model(seq)  # (B, L, C)
@@ -106,12 +106,12 @@ def test_padded_batch_equals_each_row_alone(causal):
             torch.testing.assert_close(last[r], alone[-1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_scoring_in_row_chunks_equals_one_pass(causal, monkeypatch):
+@pytest.mark.parametrize("causal,layout", [(True, "pre"), (False, "pre"), (True, "sasrec")])
+def test_scoring_in_row_chunks_equals_one_pass(causal, layout, monkeypatch):
     """last_only runs rows in cache-sized chunks; each row's state is the one-pass state."""
     from rayrec.models import transformer
 
-    model = encoder(causal)
+    model = encoder(causal, layout=layout)
     seq = padded_batch(1, rows=50)
     with torch.no_grad():
         whole = model(seq, last_only=True)
@@ -143,11 +143,35 @@ def test_causal_states_equal_the_masked_reference():
     torch.testing.assert_close(fast[real], reference[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_explicit_attention_for_dropout_equals_the_fused_kernel(causal, monkeypatch):
+def test_sasrec_layout_equals_its_written_form():
+    """layout="sasrec": h = LN1(x); x = h + Attn(q=h, k=v=x); x = LN2(x); x = x + FFN_relu(x); emb * sqrt(d)."""
+    model = encoder(True, layout="sasrec")
+    seq = padded_batch(3)
+    B, L = seq.shape
+    real = seq != 0
+    with torch.no_grad():
+        fast = model(seq)
+        recency = (real.sum(1, keepdim=True) - 1 - torch.arange(L)).clamp(min=0)
+        x = model.item_emb(seq) * 16**0.5 + model.pos_emb(recency)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        for block in model.blocks:
+            h = block.norm1(x)
+            wq, wk, wv = block.qkv.weight.split(16)
+            bq, bk, bv = block.qkv.bias.split(16)
+            q, k, v = (t.view(B, L, 2, 8).transpose(1, 2) for t in (h @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv))
+            scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~causal, float("-inf"))
+            a = scores.softmax(-1) @ v
+            x = block.norm2(h + block.proj(a.transpose(1, 2).reshape(B, L, 16)))
+            x = x + block.ffn_out(torch.relu(block.ffn_in(x)))
+        reference = model.norm(x)
+    torch.testing.assert_close(fast[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal,layout", [(True, "pre"), (False, "pre"), (True, "sasrec")])
+def test_explicit_attention_for_dropout_equals_the_fused_kernel(causal, layout, monkeypatch):
     seq = padded_batch(2)
-    fused = encoder(causal)
-    explicit = encoder(causal, attn_dropout=0.5)
+    fused = encoder(causal, layout=layout)
+    explicit = encoder(causal, attn_dropout=0.5, layout=layout)
     explicit.load_state_dict(fused.state_dict())
     # With the dropout itself made the identity, only the attention path differs.
     monkeypatch.setattr(ops, "dropout", lambda x, p, training: x)

@@ -25,6 +25,10 @@ class SASRecConfig:
     # on CPU (about 2.5x cheaper attention) and reached the anchor (docs/benchmarks.md).
     attn_dropout: float = 0.0
     ffn_mult: int = 1  # feed-forward width = ffn_mult * hidden (SASRec: 1; BERT: 4)
+    # Block layout: "pre" (pre-norm, GELU) or "sasrec" (the SASRec/SASRec+ code's block:
+    # residual from the normalised queries, post-norm ReLU feed-forward, item embeddings
+    # scaled by sqrt(hidden)); see rayrec/models/transformer.py.
+    layout: Literal["pre", "sasrec"] = "pre"
     max_len: int = 200  # most recent items a user's sequence keeps
     loss: Literal["ce", "bce", "bpr", "sampled_softmax"] = "ce"  # next-item loss
     negatives: int = 1  # uniform negatives per position for bce / bpr / sampled_softmax
@@ -67,6 +71,7 @@ class SASRec(NextItemModel):
         self.encoder = SequenceEncoder(
             data.n_items + 1, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len,
             causal=True, init_std=cfg.init_std, attn_dropout=cfg.attn_dropout, ffn_mult=cfg.ffn_mult,
+            layout=cfg.layout,
         )
 
     def states(self, seq):

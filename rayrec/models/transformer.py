@@ -11,6 +11,14 @@ Speed without approximation (docs/benchmarks.md has the measurements):
   the fused kernel.
 - Scoring needs only the most recent position: the last block computes its query,
   attention and feed-forward for that position alone (`last_only`).
+
+Two block layouts (`layout`):
+- "pre": the pre-norm transformer block (x + Attn(LN(x)), then x + FFN(LN(x)) with GELU).
+- "sasrec": the block of the SASRec authors' code and of its PyTorch port that SASRec+
+  builds on (pmixer/SASRec.pytorch): the queries are normalised and the residual starts
+  from them, keys and values are not (h = LN1(x); x = h + Attn(h, x, x)); the
+  feed-forward is post-norm with ReLU (x = LN2(x); x = x + FFN(x)); item embeddings are
+  scaled by sqrt(hidden) before the positions are added.
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ from rayrec.models import ops
 # chunk is a few MB and stays in the last-level cache through a block (ML-1M test
 # evaluation, 6,040 users x 200 positions: see docs/benchmarks.md); GPU: no chunking.
 LAST_ONLY_POSITIONS = {"cpu": 1 << 14, "cuda": 1 << 30}
+LAYOUTS = ("pre", "sasrec")
 
 
 class Block(nn.Module):
-    def __init__(self, hidden: int, heads: int, dropout: float, attn_dropout: float, ffn_mult: int):
+    def __init__(self, hidden: int, heads: int, dropout: float, attn_dropout: float, ffn_mult: int,
+                 layout: str = "pre"):
         super().__init__()
+        self.sasrec = layout == "sasrec"  # see the module docstring
         self.heads = heads
         self.dropout = dropout
         self.attn_dropout = attn_dropout
@@ -50,14 +61,21 @@ class Block(nn.Module):
         """
         B, L, C = x.shape
         h = self.norm1(x)
+        w, b = self.qkv.weight, self.qkv.bias
+        # "pre": queries, keys, values and the residual all come from LN(x) / x as usual;
+        # "sasrec": keys and values from the un-normalised x, the residual from LN(x).
+        kv_in, residual = (x, h) if self.sasrec else (h, x)
         if query_index is None:
-            q, k, v = self.qkv(h).split(C, dim=-1)  # (B, L, C) each
+            if self.sasrec:
+                q = F.linear(h, w[:C], b[:C])
+                k, v = F.linear(kv_in, w[C:], b[C:]).split(C, dim=-1)
+            else:
+                q, k, v = self.qkv(h).split(C, dim=-1)  # (B, L, C) each, one product
         else:
             rows = torch.arange(B, device=x.device)
-            x = x[rows, query_index][:, None]  # (B, 1, C): the residual stream of the queries
-            w, b = self.qkv.weight, self.qkv.bias
+            residual = residual[rows, query_index][:, None]  # (B, 1, C): the queries' residual stream
             q = F.linear(h[rows, query_index][:, None], w[:C], b[:C])  # (B, 1, C)
-            k, v = F.linear(h, w[C:], b[C:]).split(C, dim=-1)  # (B, L, C): every position is a key
+            k, v = F.linear(kv_in, w[C:], b[C:]).split(C, dim=-1)  # (B, L, C): every position is a key
             if causal:
                 # One query per row, at its last real item: it sees every key up to itself,
                 # which with right padding is a key mask, not the square causal mask.
@@ -65,8 +83,12 @@ class Block(nn.Module):
                 key_mask, causal = upto[:, None, None, :], False
         q, k, v = (t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, ., C/H)
         a = self._attention(q, k, v, causal, key_mask)  # (B, H, Lq, C/H)
-        x = ops.dropout_add(x, self.proj(a.transpose(1, 2).reshape(B, -1, C)), self.dropout, self.training)
-        f = self.ffn_out(ops.dropout(F.gelu(self.ffn_in(self.norm2(x))), self.dropout, self.training))
+        x = ops.dropout_add(residual, self.proj(a.transpose(1, 2).reshape(B, -1, C)), self.dropout, self.training)
+        if self.sasrec:
+            x = self.norm2(x)
+            f = self.ffn_out(ops.dropout(F.relu(self.ffn_in(x)), self.dropout, self.training))
+        else:
+            f = self.ffn_out(ops.dropout(F.gelu(self.ffn_in(self.norm2(x))), self.dropout, self.training))
         return ops.dropout_add(x, f, self.dropout, self.training)
 
     def _attention(self, q, k, v, causal: bool, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -96,13 +118,15 @@ class SequenceEncoder(nn.Module):
     def __init__(
         self, n_tokens: int, hidden: int, blocks: int, heads: int, dropout: float, max_len: int,
         causal: bool, init_std: float = 0.02, attn_dropout: float = 0.0, ffn_mult: int = 4,
+        layout: str = "pre",
     ):
         super().__init__()
         self.causal = causal
+        self.emb_scale = hidden**0.5 if layout == "sasrec" else 1.0
         self.dropout = dropout
         self.item_emb = nn.Embedding(n_tokens, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, attn_dropout, ffn_mult) for _ in range(blocks))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, attn_dropout, ffn_mult, layout) for _ in range(blocks))
         self.norm = nn.LayerNorm(hidden)
         self.apply(lambda m: _init(m, init_std))
 
@@ -124,7 +148,10 @@ class SequenceEncoder(nn.Module):
         real = seq != 0  # (B, L)
         n = real.sum(dim=1)  # (B,)
         recency = (n[:, None] - 1 - torch.arange(L, device=seq.device)[None, :]).clamp_(min=0)  # (B, L)
-        x = ops.dropout(self.item_emb(seq) + self.pos_emb(recency), self.dropout, self.training)
+        items = self.item_emb(seq)
+        if self.emb_scale != 1.0:
+            items = items * self.emb_scale
+        x = ops.dropout(items + self.pos_emb(recency), self.dropout, self.training)
         key_mask = None if self.causal else real[:, None, None, :]
         if not last_only:
             for block in self.blocks:
