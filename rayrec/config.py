@@ -60,6 +60,9 @@ class TrainConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs for HR/NDCG/MRR/recall/coverage
     eval_batch_size: int = 512  # users per full-ranking batch
     sampled_negatives: int = 0  # >0 adds sampled metrics (target among N unseen items), keys prefixed 'sampled_'
+    # Write per-user test (and best-validation) metrics beside the aggregate, as
+    # per_user.parquet in the run directory: the input of paired significance tests.
+    save_per_user: bool = False
     train_eval_users: int = 0  # >0: also score this many training users (fixed sample) to measure the train/val gap
     limit_train_batches: int = 0  # >0: cap batches per epoch (smoke tests)
     seed: int = 42  # model init, batch order, dropout

@@ -37,6 +37,7 @@ ROBUST_FILE = "robust.yaml"
 DIAGNOSTICS_FILE = "diagnostics.parquet"
 CONFIRM_FILE = "confirm.parquet"
 CONFIRM_SUMMARY = "confirm.yaml"
+CONFIRM_PER_USER = "confirm_per_user.parquet"  # per-user validation metrics of every confirmation run
 FINAL_FILE = "final.yaml"
 WANDB_SWEEP_FILE = "wandb_sweep.yaml"
 REPORT_DIR = "report"

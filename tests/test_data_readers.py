@@ -211,7 +211,8 @@ def test_gsasrec_reports_test_metrics_on_users_with_complete_test_input(tmp_path
     assert load_split(DataConfig(name=str(folder), cache_dir=cache)).test_groups["complete"].tolist() == [1]  # cached
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "pop", "--data", str(folder), "--output", str(out), "--no-progress"])
+    result = CliRunner().invoke(app, ["train", "pop", "--data", str(folder), "--output", str(out), "--no-progress",
+                                      "--set", "train.save_per_user=true"])
     assert result.exit_code == 0, result.output
     assert "test_complete:" in result.output and "(1 users)" in result.output
     summary = yaml.safe_load((out / "summary.yaml").read_text())
@@ -222,6 +223,15 @@ def test_gsasrec_reports_test_metrics_on_users_with_complete_test_input(tmp_path
     assert summary["test_complete"]["ndcg@10"] == pytest.approx(second)
     assert summary["test_complete"]["mrr@10"] == pytest.approx(0.5)
     assert summary["test"]["n_users"] == 4 and summary["test"]["ndcg@10"] == pytest.approx((3 + second) / 4)
+    # train.save_per_user: one row per (split, user), the group as a column; means = the summary.
+    per_user = pd.read_parquet(out / "per_user.parquet").sort_values(["split", "user"])
+    test = per_user[per_user["split"] == "test"]
+    assert test["user"].tolist() == [0, 1, 2, 3] and test["in_complete"].tolist() == [False, True, False, False]
+    assert test["ndcg@10"].tolist() == pytest.approx([1, second, 1, 1])
+    assert test["rank"].tolist() == [1, 2, 1, 1]
+    assert test[test["in_complete"]]["ndcg@10"].mean() == pytest.approx(summary["test_complete"]["ndcg@10"])
+    valid = per_user[per_user["split"] == "valid"]
+    assert valid["user"].tolist() == [1] and valid["ndcg@10"].iloc[0] == pytest.approx(summary["valid"]["ndcg@10"])
     # Datasets that declare no group report all users only.
     plain = tmp_path / "plain"
     seqs = write(tmp_path / "seqs.txt", "".join(f"{u} " + " ".join(str(1 + (u + i) % 7) for i in range(6)) + "\n"

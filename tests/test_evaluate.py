@@ -13,6 +13,7 @@ from rayrec.models.pop import PopConfig, Popularity
 from rayrec.train.evaluate import (
     evaluate,
     evaluate_on_train,
+    evaluation,
     history_mask_indices,
     item_hash,
     rank_users,
@@ -86,6 +87,27 @@ def test_full_ranking_worked_example(tiny):
     assert r["coverage@1"] == pytest.approx(2 / 6)
     assert r["coverage@5"] == pytest.approx(6 / 6)
     assert not any(k.startswith("sampled_") for k in r)
+
+
+def test_per_user_rows_of_the_worked_example(tiny):
+    data, model = tiny
+    ranking = evaluation(model, data, "valid", ks=[1, 5], device="cpu", per_user=True)
+    rows = {int(u): i for i, u in enumerate(ranking.per_user["user"])}
+    assert sorted(rows) == [0, 2, 3]  # user 1 has no validation target
+    expected = {0: (2, 1 / log2(3)), 2: (1, 1.0), 3: (5, 1 / log2(6))}  # rank, ndcg@5
+    for user, (rank, ndcg) in expected.items():
+        i = rows[user]
+        assert ranking.per_user["rank"][i] == rank
+        assert ranking.per_user["ndcg@5"][i] == pytest.approx(ndcg)
+        assert ranking.per_user["hr@1"][i] == (rank == 1)
+        assert ranking.per_user["n_targets"][i] == 1
+    # Every column's mean is the aggregate; without per_user there are no rows.
+    for key in ("hr@1", "ndcg@5", "mrr@5", "precision@5"):
+        assert ranking.per_user[key].mean() == pytest.approx(ranking.metrics[key])
+    assert ranking.per_user["rank"].mean() == pytest.approx(ranking.metrics["avg_rank"])
+    assert evaluation(model, data, "valid", ks=[1], device="cpu").per_user is None
+    empty = evaluation(model, data, "valid", ks=[1], device="cpu", users=np.array([1]), per_user=True)
+    assert len(empty.per_user["user"]) == len(empty.per_user["ndcg@1"]) == 0
 
 
 def test_test_split_masks_validation_items_too(tiny):
@@ -304,7 +326,7 @@ def test_rank_users_equals_a_plain_reference(ties, batch_size):
     model = FixedScores(table, data)
     users = np.arange(table.shape[0])
     ks = [1, 3, 5, 20]  # 20 > 12 items: every user has fewer unmasked items than K
-    got = rank_users(model, history, targets, 12, users, ks, "cpu", batch_size=batch_size, sampled_negatives=4, seed=5)
+    got = rank_users(model, history, targets, 12, users, ks, "cpu", batch_size=batch_size, sampled_negatives=4, seed=5).metrics
     want = reference_metrics(table, history_rows, target_rows, users, ks, sampled=4, seed=5)
     assert set(got) == set(want)
     tie_free = {"avg_rank", "n_users"} | {k for k in want if k.startswith("sampled_")}

@@ -67,11 +67,20 @@ def test_sweep_narrow_confirm_final_report(ray_session, tmp_path):
     same_seed = runs[(runs["candidate"] == "rank1") & runs["tuning_seed"]]["val_ndcg@10"].iloc[0]
     assert same_seed == pytest.approx(top["tuning_value"], abs=1e-6)
     assert "rank1" in out and "mean" in out
+    # Per-user validation rows of every confirmation run: their mean is the run's figure.
+    per_user = pd.read_parquet(os.path.join(sweep, "confirm_per_user.parquet"))
+    means = per_user.groupby(["candidate", "seed"])["ndcg@10"].mean()
+    for _, run in runs.iterrows():
+        assert means[(run["candidate"], run["seed"])] == pytest.approx(run["val_ndcg@10"], abs=1e-6)
 
     out = invoke("final", sweep)
     first = yaml.safe_load(open(os.path.join(sweep, "final.yaml")))
     assert first["forced"] is False and first["final_history"] == [] and "ndcg@10" in first["test"]
     assert os.path.exists(os.path.join(sweep, "final", "checkpoint.pt"))
+    final_users = pd.read_parquet(os.path.join(sweep, "final", "per_user.parquet"))  # final keeps per-user test rows
+    test_rows = final_users[final_users["split"] == "test"]
+    assert len(test_rows) == first["test"]["n_users"]
+    assert test_rows["ndcg@10"].mean() == pytest.approx(first["test"]["ndcg@10"], abs=1e-6)
     # The test set is locked: a second evaluation needs --force and is recorded as such.
     line = assert_user_error(runner.invoke(app, ["final", sweep, "--config", "robust"]))
     assert "already evaluated on test" in line and "--force" in line

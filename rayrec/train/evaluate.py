@@ -11,6 +11,7 @@ device and are synchronised with the host once, at the end.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +21,20 @@ from rayrec.data.types import CSR, SplitData
 from rayrec.train import metrics as M
 
 _INT64_MIN = torch.iinfo(torch.int64).min
+
+
+@dataclass
+class Ranking:
+    """One evaluation: the metrics averaged over users and, when asked for, per user.
+
+    per_user columns: 'user' (the split's user index), 'n_targets', 'rank' (1-based
+    full-ranking rank of the user's best-ranked target, ties counted against it) and every
+    per-user metric ('ndcg@10', ..., 'sampled_*' when sampled metrics are on), in the
+    order the users were evaluated. The mean of a metric's column is the aggregate.
+    """
+
+    metrics: dict[str, float]
+    per_user: dict[str, np.ndarray] | None = None
 
 
 def padded_rows(csr: CSR, users: np.ndarray) -> np.ndarray:
@@ -76,6 +91,22 @@ def evaluate(
     'sampled_hr@K', 'sampled_ndcg@K', 'sampled_mrr@K' (see `rank_users`). With no user
     to evaluate every metric is NaN and n_users is 0.
     """
+    return evaluation(model, data, split, ks, device, batch_size, sampled_negatives, seed, users).metrics
+
+
+def evaluation(
+    model,
+    data: SplitData,
+    split: Literal["valid", "test"],
+    ks: list[int],
+    device: torch.device | str,
+    batch_size: int = 512,
+    sampled_negatives: int = 0,
+    seed: int = 0,
+    users: np.ndarray | None = None,
+    per_user: bool = False,
+) -> Ranking:
+    """`evaluate` as a Ranking: with per_user, one row per evaluated user as well."""
     if users is None:
         users = data.eval_users(split)
     return rank_users(
@@ -89,6 +120,7 @@ def evaluate(
         batch_size=batch_size,
         sampled_negatives=sampled_negatives,
         seed=seed,
+        per_user=per_user,
     )
 
 
@@ -111,7 +143,7 @@ def evaluate_on_train(
     history, targets = split_last_item(data.train)
     users = np.asarray(users, dtype=np.int64)
     users = users[data.train.lengths()[users] >= 2]
-    return rank_users(model, history, targets, data.n_items, users, ks, device, batch_size=batch_size)
+    return rank_users(model, history, targets, data.n_items, users, ks, device, batch_size=batch_size).metrics
 
 
 def split_last_item(rows: CSR) -> tuple[CSR, CSR]:
@@ -140,7 +172,8 @@ def rank_users(
     batch_size: int = 512,
     sampled_negatives: int = 0,
     seed: int = 0,
-) -> dict[str, float]:
+    per_user: bool = False,
+) -> Ranking:
     """The evaluation loop shared by `evaluate` and `evaluate_on_train`.
 
     Sampled metrics: each user's first target is ranked among `sampled_negatives` distinct
@@ -160,6 +193,7 @@ def rank_users(
     n_sampled = min(int(sampled_negatives), n_items)
 
     sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor]] = {}  # per-user values by batch, when per_user
     seen = {k: torch.zeros(n_cols, dtype=torch.bool, device=device) for k in ks}
     was_training = model.training
     model.eval()
@@ -190,6 +224,8 @@ def rank_users(
                 for key, value in batch_metrics.items():
                     total = value.double().sum()
                     sums[key] = sums[key] + total if key in sums else total
+                    if per_user:
+                        rows.setdefault(key, []).append(value.float())
     finally:
         model.train(was_training)
 
@@ -206,7 +242,22 @@ def rank_users(
                 key = f"sampled_{name}@{k}"
                 result[key] = float(sums[key]) / n_users if n_users else float("nan")
     result["n_users"] = n_users
-    return result
+    if not per_user:
+        return Ranking(result)
+    table = {"user": users, "n_targets": targets.lengths()[users].astype(np.int64)}
+    for key, parts in rows.items():
+        # One host copy per column, at the end (the loop itself never synchronises).
+        table["rank" if key == "avg_rank" else key] = torch.cat(parts).cpu().numpy()
+    if not n_users:
+        table.update({key: np.zeros(0, dtype=np.float32) for key in _per_user_keys(ks, n_sampled)})
+    return Ranking(result, table)
+
+
+def _per_user_keys(ks: list[int], n_sampled: int) -> list[str]:
+    names = [f"{name}@{k}" for k in ks for name in M.FULL_RANKING] + ["rank"]
+    if n_sampled > 0:
+        names += [f"sampled_{name}@{k}" for k in ks for name in M.SAMPLED]
+    return names
 
 
 def _writable(scores: torch.Tensor, model) -> torch.Tensor:

@@ -7,6 +7,8 @@ has finished, so a bad input or a crash never leaves a half-written run behind:
     metrics.parquet  one row per epoch: train loss, lr, validation metrics, timings
     checkpoint.pt    best weights + metadata (model, config, dataset fingerprint, metric, time, version)
     summary.yaml     best validation metrics, test metrics (evaluated once), epochs, stop reason
+    per_user.parquet with train.save_per_user: one row per (split, user) of the best weights'
+                     validation and test evaluation (`per_user_frame`)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 import rayrec
@@ -25,6 +28,7 @@ from rayrec.config import Config
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError, first_line
 from rayrec.experiment import utc_timestamp
+from rayrec.train.evaluate import Ranking
 from rayrec.train.trainer import FitResult, Trainer, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -132,8 +136,13 @@ def train_run(
     if init_from:
         init_from_checkpoint(trainer, init_from)
     fit = trainer.fit(on_epoch=on_epoch, progress=progress)
-    tests = trainer.test_report()
+    per_user = cfg.train.save_per_user
+    rankings = trainer.test_rankings(per_user=per_user)
+    tests = {section: ranking.metrics for section, ranking in rankings.items()}
     with tempfile.TemporaryDirectory(prefix="rayrec-run-") as tmp:
+        if per_user:
+            valid = trainer.evaluation("valid", per_user=True) if trainer.has_validation else None
+            write_parquet(os.path.join(tmp, PER_USER_FILE), per_user_frame(valid, rankings["test"], data))
         write_yaml(os.path.join(tmp, "config.yaml"), cfg.to_dict())
         write_parquet(os.path.join(tmp, "metrics.parquet"), fit.history)
         save_state(checkpoint_payload(trainer, fit), os.path.join(tmp, "checkpoint.pt"))
@@ -153,6 +162,26 @@ def train_run(
         write_yaml(os.path.join(tmp, "summary.yaml"), summary)
         publish_dir(tmp, output)
     return RunResult(output=output, fit=fit, tests=tests, config=cfg)
+
+
+PER_USER_FILE = "per_user.parquet"
+
+
+def per_user_frame(valid: Ranking | None, test: Ranking, data: SplitData):
+    """One row per (split, user): 'split' ('valid' | 'test'), 'user', 'in_<group>' for each
+    test group of the dataset, 'n_targets', 'rank' and each per-user metric (Ranking)."""
+    import pandas as pd
+
+    frames = []
+    for split, ranking in (("valid", valid), ("test", test)):
+        if ranking is None or ranking.per_user is None:
+            continue
+        frame = pd.DataFrame(ranking.per_user)
+        frame.insert(0, "split", split)
+        for offset, (name, users) in enumerate(data.test_groups.items()):
+            frame.insert(2 + offset, f"in_{name}", np.isin(frame["user"].to_numpy(), users))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def plain_sections(tests: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -29,7 +29,7 @@ from rayrec.config import Config
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model
-from rayrec.train.evaluate import batch_to_device, evaluate, evaluate_on_train
+from rayrec.train.evaluate import Ranking, batch_to_device, evaluate_on_train, evaluation
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +298,14 @@ class Trainer:
 
     def evaluate(self, split: str = "valid", users: np.ndarray | None = None) -> dict[str, float]:
         """Metrics of the current weights on `split`, over `users` (default: all with a target)."""
+        return self.evaluation(split, users).metrics
+
+    def evaluation(self, split: str = "valid", users: np.ndarray | None = None, per_user: bool = False) -> Ranking:
+        """`evaluate` as a Ranking; with per_user, one row per user as well."""
         tc = self.cfg.train
-        return evaluate(
+        return evaluation(
             self.model, self.data, split, tc.ks, self.device, batch_size=tc.eval_batch_size,
-            sampled_negatives=tc.sampled_negatives, seed=tc.seed, users=users,
+            sampled_negatives=tc.sampled_negatives, seed=tc.seed, users=users, per_user=per_user,
         )
 
     def test(self) -> dict[str, float]:
@@ -311,9 +315,14 @@ class Trainer:
     def test_report(self) -> dict[str, dict[str, float]]:
         """The run's test evaluation, by section: 'test' (all users) and 'test_<group>' for each
         group of test users the dataset declares (SplitData.test_groups). Call once per run."""
-        report = {"test": self.test()}
+        return {section: ranking.metrics for section, ranking in self.test_rankings().items()}
+
+    def test_rankings(self, per_user: bool = False) -> dict[str, Ranking]:
+        """`test_report` as Rankings. With per_user, only 'test' (all users) carries the
+        per-user rows: a group's rows are a subset of them."""
+        report = {"test": self.evaluation("test", per_user=per_user)}
         for name, users in self.data.test_groups.items():
-            report[f"test_{name}"] = self.evaluate("test", users=users)
+            report[f"test_{name}"] = self.evaluation("test", users=users)
         return report
 
     def _result(self) -> FitResult:

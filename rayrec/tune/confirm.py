@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayrec.errors import UserError, first_line
-from rayrec.experiment import BEST_FILE, CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, ROBUST_FILE, SUMMARY_FILE, utc_timestamp
+from rayrec.experiment import (
+    BEST_FILE,
+    CONFIRM_FILE,
+    CONFIRM_PER_USER,
+    CONFIRM_SUMMARY,
+    FINAL_FILE,
+    ROBUST_FILE,
+    SUMMARY_FILE,
+    utc_timestamp,
+)
 from rayrec.storage import plain
 from rayrec.tune.diagnostics import best_epochs
 from rayrec.tune.narrow import export_robust, robust_config
@@ -121,14 +130,19 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
         pending[task.remote(cand.config, seed, threads, data_refs[key])] = (cand, seed)
     log.info("confirm: %d configs x %d seeds = %d trainings on Ray", len(cands), opts.seeds, len(jobs))
     metric_col = f"val_{results.metric}"
-    rows = []
+    rows, per_user = [], []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         cand, seed = pending.pop(done[0])
         row = {"candidate": cand.name, "trial_id": cand.trial_id, "seed": seed,
                "tuning_seed": seed == int(cand.config["train"]["seed"]), "tuning_value": cand.tuning_value}
         try:
-            row.update(ray.get(done[0]))
+            out = ray.get(done[0])
+            users = pd.DataFrame(out.pop("per_user"))
+            users.insert(0, "candidate", cand.name)
+            users.insert(1, "seed", seed)
+            per_user.append(users)
+            row.update(out)
             row["error"] = ""
             log.info("confirm %s seed %d: %s %.4f (best epoch %d)", cand.name, seed, metric_col,
                      row.get(metric_col, float("nan")), row.get("best_epoch", 0))
@@ -143,6 +157,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
         raise UserError(f"every confirmation run failed; first error: {runs['error'].iloc[0]}")
     stats = confirmation_stats(runs, metric_col, results.mode, opts.max_std, opts.tolerance)
     write_parquet(results.file(CONFIRM_FILE), runs)
+    write_parquet(results.file(CONFIRM_PER_USER), pd.concat(per_user, ignore_index=True))
     write_yaml(results.file(CONFIRM_SUMMARY), plain({
         "sweep": results.experiment,
         "metric": metric_col,
@@ -205,10 +220,14 @@ def _train_one(config: dict[str, Any], seed: int, threads: int, data) -> dict[st
     cfg = build_config(base=config, overrides={"train.seed": seed, "train.device": device, "train.num_threads": threads})
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    fit = Trainer(cfg, data, device=device).fit()
+    trainer = Trainer(cfg, data, device=device)
+    fit = trainer.fit()
+    seconds = time.perf_counter() - start
     out = {k: float(v) for k, v in fit.best_metrics.items() if isinstance(v, (int, float))}
     out.update({"best_epoch": int(fit.best_epoch), "epochs": int(fit.epochs_run), "stop_reason": fit.stop_reason,
-                "device": device, "seconds": time.perf_counter() - start})
+                "device": device, "seconds": seconds})
+    # The best weights' validation, per user (the input of paired tests between configs).
+    out["per_user"] = trainer.evaluation("valid", per_user=True).per_user
     return out
 
 
@@ -278,6 +297,8 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         cfg = build_config(base=cfg.to_dict(), overrides={
             "train.epochs": epochs, "train.schedule_epochs": cfg.train.schedule_horizon})
         data = with_validation_in_train(data)
+    # The test evaluation keeps its per-user rows (per_user.parquet in the run), for paired tests.
+    cfg = build_config(base=cfg.to_dict(), overrides={"train.save_per_user": True})
     output = _unused_run_dir(results)
     start = time.perf_counter()
     run = train_run(cfg, data, output=output)
