@@ -35,24 +35,19 @@ from rayrec.data.batches import pair_batches
 from rayrec.data.types import CSR
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec
-from rayrec.models.bprmf import GRAPH_TRAIN_DEFAULTS, check_graph_config
-from rayrec.models.lightgcn import LightGCN, SymmetricSpMM, csr_tensor, propagation_parts
+from rayrec.models.bprmf import GRAPH_TRAIN_DEFAULTS
+from rayrec.models.lightgcn import LightGCN, LightGCNConfig, SymmetricSpMM, csr_tensor, propagation_parts
 
 
 @dataclass
-class LayerGCNConfig:
-    hidden: int = 64  # embedding size
+class LayerGCNConfig(LightGCNConfig):
+    """LightGCN's fields (hidden, reg, negatives, init_std, sampling) and LayerGCN's own."""
+
     layers: int = 4  # propagation layers L; the final embedding sums the refined layers 1..L (reference: 4)
     dropout: float = 0.1  # share of training edges dropped at every epoch, degree-sensitively (reference: 0.0-0.2)
-    reg: float = 1e-4  # L2 on the batch's EGO embeddings, LightGCN-scaled: reg * 0.5 * ||.||^2 / batch
-    negatives: int = 1  # uniform negatives per positive
-    init_std: float = 0.1  # normal init of the ego embeddings (field-lessons §5: ~0.1, not 0.01)
-    sampling: str = "edges"  # training pairs: "edges" | "users" (see pair_batches)
 
     def validate(self) -> None:
-        check_graph_config(self)
-        if self.layers < 1:
-            raise UserError(f"model.layers must be >= 1, got {self.layers}")
+        super().validate()
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
