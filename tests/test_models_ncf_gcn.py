@@ -65,6 +65,18 @@ def planted_recall(model, data, k=5):
     return float(np.mean([np.isin(data.test.row(u), top[u]).mean() for u in range(data.n_users)]))
 
 
+def test_rayrec_models_lists_the_new_models():
+    from typer.testing import CliRunner
+
+    from rayrec.cli import app
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    kinds = dict(line.split() for line in result.output.strip().splitlines())
+    assert {name: kinds.get(name) for name in ("ncf", "gcnii", "layergcn", "svdgcn")} == dict.fromkeys(
+        ("ncf", "gcnii", "layergcn", "svdgcn"), "graph")
+
+
 # --- training and evaluation (the stale-embedding guard for these models is
 # test_models_graph.test_every_training_step_propagates_again) ----------------------------
 
