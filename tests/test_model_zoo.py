@@ -26,6 +26,10 @@ TINY_MODEL = {
     "gru4rec": ["model.embedding=16", "model.hidden=16", "model.max_len=16"],
     "lightgcn": ["model.hidden=16", "model.layers=2"],
     "bprmf": ["model.hidden=16"],
+    "ncf": ["model.embedding_dim=16", "model.hidden_layers=2"],
+    "gcnii": ["model.hidden=16", "model.layers=2"],
+    "layergcn": ["model.hidden=16", "model.layers=2"],
+    "svdgcn": ["model.hidden=16", "model.rank=16"],
     "pop": [],
 }
 KS = (5, 10, 20)
@@ -56,14 +60,21 @@ def test_every_registered_model_has_a_shipped_search_space_with_floors():
         if get_model_spec(name).model_cls.trainable:
             assert set(space.stages) == set(STAGES) and space.mutate, name
     # Graph models: the LightGCN protocol's metric, a log lr range and an L2 range above 0.
-    for name in ("lightgcn", "bprmf"):
+    for name in ("lightgcn", "bprmf", "gcnii", "layergcn", "svdgcn"):
         params = load_space(name).params
         assert load_space(name).sweep["metric"] == "recall@20"
-        assert (params["train.lr"].dist, params["train.lr"].low, params["train.lr"].high) == ("loguniform", 1e-4, 1e-2)
+        # SVD-GCN's one learned matrix takes a larger lr (its reference trains it with SGD at lr ~7).
+        lr_range = (1e-3, 1e-1) if name == "svdgcn" else (1e-4, 1e-2)
+        assert (params["train.lr"].dist, params["train.lr"].low, params["train.lr"].high) == ("loguniform", *lr_range)
         assert params["model.reg"].dist == "loguniform" and params["model.reg"].low > 0
         assert params["model.hidden"].dist == "choice"
     layers = load_space("lightgcn").params["model.layers"]
     assert (layers.dist, layers.low, layers.high) == ("int", 1, 4)
+    # NCF: the practitioners' starting ranges (issue 13).
+    ncf = load_space("ncf").params
+    assert (ncf["train.lr"].dist, ncf["train.lr"].low, ncf["train.lr"].high) == ("loguniform", 1e-4, 5e-3)
+    assert (min(ncf["model.embedding_dim"].values), max(ncf["model.embedding_dim"].values)) == (32, 256)
+    assert (ncf["model.dropout"].low, ncf["model.dropout"].high) == (0.1, 0.5)
 
 
 # --- rayrec train ------------------------------------------------------------------------
@@ -129,6 +140,10 @@ GUARD_MODELS = {
     # Graph models ignore order: judge them on their own protocol (ratio split, Recall@20).
     "lightgcn": ("ratio", "recall@20", {**GRAPH, "model.layers": 2}, 1.2),
     "bprmf": ("ratio", "recall@20", GRAPH, 1.2),
+    "ncf": ("ratio", "recall@20", {"model.embedding_dim": 32, "train.lr": 5e-3, "train.batch_size": 256}, 1.2),
+    "gcnii": ("ratio", "recall@20", {**GRAPH, "model.layers": 4}, 1.2),
+    "layergcn": ("ratio", "recall@20", {**GRAPH, "model.layers": 2}, 1.2),
+    "svdgcn": ("ratio", "recall@20", {**GRAPH, "model.rank": 32}, 1.2),
 }
 
 

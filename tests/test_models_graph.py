@@ -20,9 +20,14 @@ from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
 from rayrec.models.bprmf import BPRMF, BPRMFConfig
+from rayrec.models.gcnii import GCNII, GCNIIConfig
+from rayrec.models.layergcn import LayerGCN, LayerGCNConfig
 from rayrec.models.lightgcn import LightGCN, LightGCNConfig, csr_tensor, normalized_adjacency, row_subset
+from rayrec.models.svdgcn import SVDGCN, SVDGCNConfig
 
 GRAPH_MODELS = [(LightGCN, LightGCNConfig), (BPRMF, BPRMFConfig)]
+# Graph models whose final embeddings are computed from the weights at every step (issue 13).
+PROPAGATING_MODELS = [(LightGCN, LightGCNConfig), (GCNII, GCNIIConfig), (LayerGCN, LayerGCNConfig), (SVDGCN, SVDGCNConfig)]
 
 
 def split(train_rows, n_items, test_rows=None, valid_rows=None, name="tiny") -> SplitData:
@@ -121,12 +126,14 @@ def test_adjacency_lives_in_buffers_outside_the_state_dict():
     torch.testing.assert_close(twin.final_embeddings()[1], model.final_embeddings()[1])
 
 
-def test_every_training_step_propagates_again():
-    """The stale-embedding guard (field-lessons §4): consecutive batches, with an optimiser
-    step between them, are scored with embeddings propagated from the current weights."""
+@pytest.mark.parametrize("model_cls,config_cls", PROPAGATING_MODELS)
+def test_every_training_step_propagates_again(model_cls, config_cls):
+    """The stale-embedding guard (field-lessons §4), for every graph model that propagates:
+    consecutive batches, with an optimiser step between them, are scored with embeddings
+    propagated from the current weights, so the second step sees different embeddings."""
     data = planted()
     torch.manual_seed(0)
-    model = LightGCN(LightGCNConfig(hidden=8), data)
+    model = model_cls(config_cls(hidden=8), data)
     seen = []
     batch_embeddings = model.batch_embeddings
 

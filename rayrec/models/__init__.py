@@ -14,6 +14,10 @@ MODELS: dict[str, str] = {
     "bprmf": "rayrec.models.bprmf",
     "bert4rec": "rayrec.models.bert4rec",
     "gru4rec": "rayrec.models.gru4rec",
+    "ncf": "rayrec.models.ncf",
+    "gcnii": "rayrec.models.gcnii",
+    "layergcn": "rayrec.models.layergcn",
+    "svdgcn": "rayrec.models.svdgcn",
 }
 
 

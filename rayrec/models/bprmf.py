@@ -34,14 +34,14 @@ class BPRMFConfig:
 
 
 def check_graph_config(cfg) -> None:
-    """Checks the fields BPR-MF and LightGCN share."""
+    """Checks the fields the pair-trained graph models share (init_std where the model has it)."""
     if cfg.hidden < 1:
         raise UserError(f"model.hidden must be >= 1, got {cfg.hidden}")
     if cfg.reg < 0:
         raise UserError(f"model.reg must be >= 0, got {cfg.reg}")
     if cfg.negatives < 1:
         raise UserError(f"model.negatives must be >= 1, got {cfg.negatives}")
-    if not cfg.init_std > 0:
+    if hasattr(cfg, "init_std") and not cfg.init_std > 0:
         raise UserError(f"model.init_std must be > 0, got {cfg.init_std}")
     if cfg.sampling not in ("edges", "users"):
         raise UserError(f"model.sampling must be 'edges' or 'users', got {cfg.sampling!r}")

@@ -60,6 +60,22 @@ def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_co
         return torch.sparse_csr_tensor(crow, col, values, size=(n, n if n_cols is None else n_cols), check_invariants=False)
 
 
+def propagation_parts(train: CSR, n_users: int, n_items: int, order: torch.Tensor | None = None):
+    """(crow, col, values, order): D^-1/2 A D^-1/2 of `train`'s bipartite graph as CSR parts with
+    rows and columns in propagation order `order` (new position -> node; by default the graph's
+    `locality_order`), indices int32 where they fit."""
+    crow, col, values = _normalized_adjacency_parts(train, n_users, n_items)
+    # Propagation runs over the nodes in bandwidth-reducing order, so that the rows a
+    # product reads lie close together in memory (see `locality_order`).
+    if order is None:
+        order = locality_order(crow, col)
+    crow, col, values = permuted(crow, col, values, order)
+    if len(values) < 2**31:
+        # int32 indices: the CPU (MKL) kernel converts int64 ones on every product.
+        crow, col = crow.int(), col.int()
+    return crow, col, values, order
+
+
 def _normalized_adjacency_parts(train: CSR, n_users: int, n_items: int):
     n_nodes = n_users + n_items
     users = train.rows()
@@ -147,14 +163,7 @@ class LightGCN(BPRMF):
         # graph). Its CSR parts are buffers so that .to(device) moves them with the weights
         # (dense parts, because a sparse CSR tensor cannot be deep-copied); not persistent,
         # because they are derived from the data, not learned (keeps checkpoints small).
-        crow, col, values = _normalized_adjacency_parts(data.train, data.n_users, data.n_items)
-        # Propagation runs over the nodes in bandwidth-reducing order, so that the rows a
-        # product reads lie close together in memory (see `locality_order`).
-        order = locality_order(crow, col)
-        crow, col, values = permuted(crow, col, values, order)
-        if len(values) < 2**31:
-            # int32 indices: the CPU (MKL) kernel converts int64 ones on every product.
-            crow, col = crow.int(), col.int()
+        crow, col, values, order = propagation_parts(data.train, data.n_users, data.n_items)
         self.register_buffer("adj_crow", crow, persistent=False)
         self.register_buffer("adj_col", col, persistent=False)
         self.register_buffer("adj_values", values, persistent=False)
@@ -179,8 +188,12 @@ class LightGCN(BPRMF):
         with rows and columns in propagation order (see `node_rank`)."""
         return csr_tensor(self.adj_crow, self.adj_col, self.adj_values)
 
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Propagate the ego embeddings K layers over the graph and average the layers."""
+    def propagate(self) -> torch.Tensor:
+        """The final embeddings of every node, in propagation order: (U + N, C).
+
+        LightGCN's: the ego embeddings propagated K layers over the graph, layers averaged.
+        Graph models that share this data path override it (GCNII, LayerGCN).
+        """
         ego = self.ego  # (U + N, C), propagation order
         # In the weights' dtype even under autocast: the sparse products are memory-bound, and
         # low-precision sparse kernels are not available everywhere.
@@ -190,8 +203,23 @@ class LightGCN(BPRMF):
             for _ in range(self.cfg.layers):
                 layer = SymmetricSpMM.apply(adj, layer)  # (U + N, C)
                 total = total + layer
-        final = (total / (self.cfg.layers + 1))[self.node_rank]  # back to node order
+        return total / (self.cfg.layers + 1)
+
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users (U, C), items (N, C)) in id order: `propagate()`, back in node order."""
+        final = self.propagate()[self.node_rank]
         return final[: self.n_users], final[self.n_users :]
+
+    def propagated_batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`batch_embeddings` by one full `propagate()` whose rows are then gathered.
+
+        For models whose propagation is not LightGCN's linear layer mean, so that
+        PropagateRows does not apply; recomputed at every call, i.e. at every optimiser step.
+        """
+        nodes = self.node_rank[torch.cat([users, items + self.n_users])]  # (B + M,) positions in propagation order
+        final, ego = self.propagate()[nodes], self.ego[nodes]
+        b = users.shape[0]
+        return final[:b], final[b:], ego[:b], ego[b:]
 
     def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Final and ego embeddings of the batch's rows only (see BPRMF.batch_embeddings).
