@@ -14,6 +14,9 @@ MODELS: dict[str, str] = {
     "bprmf": "rayrec.models.bprmf",
     "bert4rec": "rayrec.models.bert4rec",
     "gru4rec": "rayrec.models.gru4rec",
+    "ease": "rayrec.models.ease",
+    "slim": "rayrec.models.slim",
+    "als": "rayrec.models.als",
 }
 
 
@@ -32,7 +35,8 @@ def build_model(name: str, cfg, data):
 
 
 def check_model_data(name: str, data) -> None:
-    """A UserError when the model cannot learn from this dataset (sequential models need order)."""
+    """A UserError when the model cannot learn from this dataset (sequential models need order;
+    a model's own `check_data`, e.g. EASE's memory check)."""
     spec = get_model_spec(name)
     if spec.kind == "sequential" and not data.ordered:
         raise UserError(
@@ -40,3 +44,4 @@ def check_model_data(name: str, data) -> None:
             f"'{data.name}' has no timestamps or order; use a graph model (lightgcn, bprmf) or pop, "
             "or give data with a timestamp column"
         )
+    spec.model_cls.check_data(data)
