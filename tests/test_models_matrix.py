@@ -126,19 +126,22 @@ def test_ease_refuses_a_real_catalogue_larger_than_this_machine(tmp_path):
 def test_slim_weights_are_non_negative_with_a_zero_diagonal_and_solve_each_items_elastic_net():
     from sklearn.linear_model import ElasticNet
 
-    l1, l2 = 0.01, 0.05
+    l1, l2 = 0.1, 0.5
     model, _ = fitted("slim", tiny_split(ROWS, 5), **{"model.l1_reg": l1, "model.l2_reg": l2,
                                                        "model.max_iter": 10_000, "model.tol": 1e-10})
     w = model.weights.double().numpy()[1:, 1:]
     assert (w >= 0).all() and not np.diag(w).any() and w.any()
-    # Column j is the elastic net of item j on the other items, in sklearn's parametrisation.
+    # Column j is the elastic net of item j on the other items: the paper's objective is
+    # sklearn's times the number of users.
     x = dense(ROWS, 5)
     for j in range(5):
         others = x.copy()
         others[:, j] = 0.0
-        enet = ElasticNet(alpha=l1 + l2, l1_ratio=l1 / (l1 + l2), positive=True, fit_intercept=False,
+        enet = ElasticNet(alpha=(l1 + l2) / len(ROWS), l1_ratio=l1 / (l1 + l2), positive=True, fit_intercept=False,
                           max_iter=10_000, tol=1e-10).fit(others, x[:, j])
         assert np.allclose(w[:, j], enet.coef_, atol=1e-5), j
+        objective = 0.5 * ((x[:, j] - others @ w[:, j]) ** 2).sum() + l1 * w[:, j].sum() + 0.5 * l2 * w[:, j] @ w[:, j]
+        assert objective < 0.5 * (x[:, j] ** 2).sum()  # better than W = 0: the regularisers leave it room
 
 
 def test_slim_epochs_continue_its_coordinate_descent_and_early_stopping_ends_it():
@@ -177,9 +180,27 @@ def test_als_user_solve_is_the_weighted_least_squares_of_hu_koren_volinsky():
     assert np.allclose(got.numpy()[0], expected, atol=1e-10)
 
 
-def test_als_objective_decreases_every_sweep_and_matches_its_definition():
+def test_als_conjugate_gradient_reaches_the_exact_solve():
+    from rayrec.models.als import conjugate_gradient_rows, solve_rows
+
+    rng = np.random.default_rng(1)
+    table = torch.from_numpy(rng.normal(size=(8, 4)))
+    table[0] = 0.0
+    ids = torch.tensor([[1, 3, 4, 0], [2, 5, 6, 7]])
+    gram = table.T @ table
+    exact = solve_rows(table, gram, ids, 0.1, 4.0)
+    start = torch.from_numpy(rng.normal(size=(2, 4)))
+    # CG is exact after f steps in exact arithmetic; a few more absorb rounding.
+    assert torch.allclose(conjugate_gradient_rows(table, gram, ids, 0.1, 4.0, start, 8), exact, atol=1e-8)
+    far = (conjugate_gradient_rows(table, gram, ids, 0.1, 4.0, start, 1) - exact).norm()
+    assert far > 1e-3 and far < (start - exact).norm()  # one step: closer, not there
+
+
+@pytest.mark.parametrize("cg_steps", [0, 3])
+def test_als_objective_decreases_every_sweep_and_matches_its_definition(cg_steps):
     data = tiny_split(ROWS, 5)
-    model, losses = fitted("als", data, epochs=6, **{"model.factors": 3, "model.reg": 0.1, "model.alpha": 4.0})
+    model, losses = fitted("als", data, epochs=6, **{"model.factors": 3, "model.reg": 0.1, "model.alpha": 4.0,
+                                                      "model.cg_steps": cg_steps})
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     x, y = model.user_factors.double().numpy()[1:], model.item_factors.double().numpy()[1:]
     p = dense(ROWS, 5)
@@ -189,7 +210,7 @@ def test_als_objective_decreases_every_sweep_and_matches_its_definition():
 
 def test_als_scores_fold_the_given_history_in():
     data = tiny_split(ROWS, 5)
-    model, _ = fitted("als", data, epochs=3, **{"model.factors": 3})
+    model, _ = fitted("als", data, epochs=3, **{"model.factors": 3, "model.cg_steps": 0})
     # Right after a sweep the item factors moved, but a user's fold-in on its training row is
     # the user half-sweep's solution against the current item factors.
     from rayrec.models.als import solve_all, training_rows

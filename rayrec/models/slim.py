@@ -2,13 +2,15 @@
 2011): an item-item weight matrix W >= 0 with a zero diagonal, one elastic-net regression
 per item.
 
-    for each item j:  minimise_w  1/(2U) ||X_j - X w||^2 + l1_reg ||w||_1 + l2_reg / 2 ||w||^2
+    for each item j:  minimise_w  1/2 ||X_j - X w||^2 + l1_reg ||w||_1 + l2_reg / 2 ||w||^2
                       subject to  w >= 0,  w_j = 0          X: binary user-item matrix (U, N)
     score(user) = x_user W                                   W[:, j] = w for item j
 
-Solved with scikit-learn's ElasticNet (coordinate descent; alpha = l1_reg + l2_reg,
-l1_ratio = l1_reg / alpha, positive=True, no intercept), whose objective is exactly the one
-above; the diagonal is kept at zero by zeroing item j's column while item j is fitted.
+The objective is the paper's (its lambda is l1_reg, its beta l2_reg), so the regularisers
+compare with co-occurrence counts whatever the number of users U. It is solved with
+scikit-learn's ElasticNet (coordinate descent, positive=True, no intercept), whose objective
+is the one above divided by U: alpha = (l1_reg + l2_reg) / U, l1_ratio = l1_reg / (l1_reg +
+l2_reg). The diagonal is kept at zero by zeroing item j's column while item j is fitted.
 Items are fitted in parallel threads (the solver releases the GIL), as many as the trial's
 torch threads (train.num_threads).
 
@@ -17,9 +19,10 @@ passes per item, warm-started from the weights so far (which live in the model's
 a checkpoint resumes exactly). Items whose solve has converged (sklearn's duality-gap test
 at `tol`) cost one pass per later epoch and do not change; once all have, the metric stops
 moving and early stopping ends the run. ASHA can prune a bad setting after its first epoch.
-The l1/l2 parametrisation as in recpack (github.com/LienM/recpack, recpack/algorithms/slim.py:
-alpha = l1_reg + l2_reg, l1_ratio = l1_reg / alpha); Levy & Jack (LSRS 2013) for
-the per-item regression with sklearn.
+The per-item regression with a zeroed target column follows recpack (github.com/LienM/recpack,
+recpack/algorithms/slim.py, which maps l1_reg and l2_reg to alpha = l1_reg + l2_reg and
+l1_ratio = l1_reg / alpha of sklearn's per-user-normalised objective; here they are the
+paper's unnormalised weights, hence the extra 1 / U) and Levy & Jack (LSRS 2013).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from rayrec.models.ease import history_rows
 
 @dataclass
 class SLIMConfig:
-    l1_reg: float = 0.05  # L1 weight in sklearn's per-user-normalised objective (sparsity of W)
-    l2_reg: float = 0.1  # L2 weight (l2_reg / 2 ||w||^2)
+    # Defaults: the best of four points on ml-100k (docs/benchmarks.md); stronger L2 beat weaker.
+    l1_reg: float = 1.0  # L1 weight (the paper's lambda): sparsity of W
+    l2_reg: float = 10.0  # L2 weight (the paper's beta): l2_reg / 2 ||w||^2
     max_iter: int = 20  # coordinate-descent passes per item per epoch (warm-started across epochs)
     tol: float = 1e-4  # sklearn's convergence tolerance on the duality gap
 
@@ -100,12 +104,12 @@ def fit_items(x, start: np.ndarray, items: np.ndarray, cfg: SLIMConfig) -> tuple
     from sklearn.linear_model import ElasticNet
 
     local = csc_matrix((x.data.copy(), x.indices, x.indptr), shape=x.shape)
-    alpha = cfg.l1_reg + cfg.l2_reg
-    enet = ElasticNet(alpha=alpha, l1_ratio=cfg.l1_reg / alpha, positive=True, fit_intercept=False,
+    n_users = x.shape[0]
+    total = cfg.l1_reg + cfg.l2_reg
+    enet = ElasticNet(alpha=total / n_users, l1_ratio=cfg.l1_reg / total, positive=True, fit_intercept=False,
                       max_iter=cfg.max_iter, tol=cfg.tol, warm_start=True, selection="cyclic")
     columns = np.zeros((x.shape[1], len(items)))
     objective = 0.0
-    n_users = x.shape[0]
     for k, j in enumerate(items):
         lo, hi = x.indptr[j], x.indptr[j + 1]
         target = np.zeros(n_users)
@@ -115,7 +119,7 @@ def fit_items(x, start: np.ndarray, items: np.ndarray, cfg: SLIMConfig) -> tuple
         enet.fit(local, target, check_input=False)
         w = enet.coef_
         residual = target - local @ w
-        objective += (residual @ residual / (2 * n_users) + cfg.l1_reg * w.sum() + 0.5 * cfg.l2_reg * (w @ w))
+        objective += 0.5 * (residual @ residual) + cfg.l1_reg * w.sum() + 0.5 * cfg.l2_reg * (w @ w)
         columns[:, k] = w
         local.data[lo:hi] = 1.0
     return items, columns, objective
