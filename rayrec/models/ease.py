@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rayrec.data.batches import interaction_matrix, item_sets
+from rayrec.data.batches import interaction_matrix
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
-from rayrec.models.base import ModelSpec, RecModel
+from rayrec.models.base import ModelSpec
+from rayrec.models.item_item import ItemItemModel
 
 # Bytes the solve may use; None = the memory available when the check runs (RAM on CPU, the
 # GPU's free memory on CUDA). Tests lower it to exercise the refusal.
@@ -73,15 +74,8 @@ def check_fits(n_items: int, device: torch.device) -> None:
         )
 
 
-class EASE(RecModel):
-    kind = "matrix"
-    fits_itself = True
+class EASE(ItemItemModel):
     closed_form = True
-
-    def __init__(self, cfg: EASEConfig, data: SplitData):
-        super().__init__(cfg, data)
-        # Row/column 0 is padding and stays zero, so item ids index the table directly.
-        self.register_buffer("weights", torch.zeros(data.n_items + 1, data.n_items + 1))  # (N + 1, N + 1)
 
     @classmethod
     def check_data(cls, data: SplitData) -> None:
@@ -109,12 +103,6 @@ class EASE(RecModel):
         self.weights[1:, 1:] = p.to(self.weights.dtype)
         return objective / max(self.n_users, 1)  # per user
 
-    def eval_inputs(self, history, users):
-        return {"items": item_sets(history, users)}
-
-    def score(self, batch):
-        return history_rows(batch["items"], self.weights.shape[0], self.weights.dtype) @ self.weights  # (B, N + 1)
-
 
 def item_gram(data: SplitData, chunk_users: int = 4096) -> np.ndarray:
     """X^T X of the binary training matrix, dense float64 (N, N): co-occurrence counts.
@@ -128,13 +116,6 @@ def item_gram(data: SplitData, chunk_users: int = 4096) -> np.ndarray:
         part = x[start : start + chunk_users]
         gram += (part.T @ part).toarray()
     return gram
-
-
-def history_rows(items: torch.Tensor, n_cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 rows (B, n_cols) with a 1 at each item id of `items` (B, L), padding (0) included:
-    column 0 of an item-item table is zero, so it adds nothing."""
-    rows = torch.zeros(items.shape[0], n_cols, dtype=dtype, device=items.device)
-    return rows.scatter_(1, items, 1.0)
 
 
 # One solve is the fit: one epoch; patience never matters. Item-based models read the user's

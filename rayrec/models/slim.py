@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rayrec.data.batches import interaction_matrix, item_sets
+from rayrec.data.batches import interaction_matrix
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
-from rayrec.models.base import ModelSpec, RecModel
-from rayrec.models.ease import history_rows
+from rayrec.models.base import ModelSpec
+from rayrec.models.item_item import ItemItemModel
 
 
 @dataclass
@@ -57,15 +57,7 @@ class SLIMConfig:
             raise UserError(f"model.tol must be > 0, got {self.tol}")
 
 
-class SLIM(RecModel):
-    kind = "matrix"
-    fits_itself = True
-
-    def __init__(self, cfg: SLIMConfig, data: SplitData):
-        super().__init__(cfg, data)
-        # W with padding row/column 0 (always zero), so item ids index it directly.
-        self.register_buffer("weights", torch.zeros(data.n_items + 1, data.n_items + 1))  # (N + 1, N + 1)
-
+class SLIM(ItemItemModel):
     def fit_epoch(self, data: SplitData, epoch: int, rng: np.random.Generator) -> float:
         from joblib import Parallel, delayed
         from sklearn.exceptions import ConvergenceWarning
@@ -87,12 +79,6 @@ class SLIM(RecModel):
             objective += value
         self.weights[1:, 1:] = torch.from_numpy(weights).to(self.weights)
         return objective / max(self.n_items, 1)  # mean per-item objective
-
-    def eval_inputs(self, history, users):
-        return {"items": item_sets(history, users)}
-
-    def score(self, batch):
-        return history_rows(batch["items"], self.weights.shape[0], self.weights.dtype) @ self.weights  # (B, N + 1)
 
 
 def fit_items(x, start: np.ndarray, items: np.ndarray, cfg: SLIMConfig) -> tuple[np.ndarray, np.ndarray, float]:
