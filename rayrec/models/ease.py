@@ -43,8 +43,9 @@ class EASEConfig:
 
 
 def solve_bytes(n_items: int) -> int:
-    """Peak memory of the fit: two float64 (N, N) matrices (the Gram matrix or its inverse, and
-    the Cholesky factor) plus the float32 (N + 1, N + 1) weights."""
+    """Peak memory of the fit: two float64 (N, N) matrices at any time (the Gram matrix and a
+    dense block of it, then the Gram matrix and its Cholesky factor, then the factor and the
+    inverse) plus the float32 (N + 1, N + 1) weights."""
     return 2 * 8 * n_items**2 + 4 * (n_items + 1) ** 2
 
 
@@ -100,21 +101,22 @@ class EASE(ItemItemModel):
         p.div_(-diag[None, :])  # B_ij = -P_ij / P_jj
         p.diagonal().zero_()
         self.weights.zero_()
-        self.weights[1:, 1:] = p.to(self.weights.dtype)
+        self.weights[1:, 1:].copy_(p)  # converts in place: no third N x N matrix
         return objective / max(self.n_users, 1)  # per user
 
 
-def item_gram(data: SplitData, chunk_users: int = 4096) -> np.ndarray:
+def item_gram(data: SplitData, blocks: int = 8) -> np.ndarray:
     """X^T X of the binary training matrix, dense float64 (N, N): co-occurrence counts.
 
-    Summed over chunks of users, so the sparse products never hold more than a chunk's
-    co-occurrences at once.
+    Filled a block of columns at a time, so the sparse product and its dense copy never
+    hold more than 1 / blocks of the matrix beside it (solve_bytes' budget).
     """
-    x = interaction_matrix(data.train, data.n_items)
-    gram = np.zeros((data.n_items, data.n_items))
-    for start in range(0, x.shape[0], chunk_users):
-        part = x[start : start + chunk_users]
-        gram += (part.T @ part).toarray()
+    x = interaction_matrix(data.train, data.n_items).tocsc()
+    xt = x.T.tocsr()
+    gram = np.empty((data.n_items, data.n_items))
+    width = max(1, -(-data.n_items // blocks))
+    for start in range(0, data.n_items, width):
+        gram[:, start : start + width] = (xt @ x[:, start : start + width]).toarray()
     return gram
 
 
