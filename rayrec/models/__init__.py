@@ -41,7 +41,7 @@ def check_model_data(name: str, data) -> None:
     if spec.kind == "sequential" and not data.ordered:
         raise UserError(
             f"model '{name}' is sequential and needs interactions in time order, but dataset "
-            f"'{data.name}' has no timestamps or order; use a graph model (lightgcn, bprmf) or pop, "
+            f"'{data.name}' has no timestamps or order; use a graph or matrix model (lightgcn, bprmf, ease, slim, als) or pop, "
             "or give data with a timestamp column"
         )
     spec.model_cls.check_data(data)
