@@ -109,7 +109,8 @@ print(json.dumps({"history": fit.history, "test": trainer.test()}))
 RESUMED = {
     "sasrec": {**TINY, "model.dropout": 0.3},
     "slim": {**{k: v for k, v in TINY.items() if k.startswith(("data.", "train."))}, "model.max_iter": 1},
-    "als": {**{k: v for k, v in TINY.items() if k.startswith(("data.", "train."))}, "model.factors": 8},
+    "als": {**{k: v for k, v in TINY.items() if k.startswith(("data.", "train."))}, "model.factors": 8,
+            "model.cg_steps": 3},  # CG warm-starts from the user factors: they must resume too
 }
 
 

@@ -11,11 +11,14 @@ side's factors (M, f) and I_u the rows user u touched,
     (Y^T Y + alpha Y_Iu^T Y_Iu + reg I) x_u = (1 + alpha) Y_Iu^T 1
 
 so Y^T Y is computed once per half-sweep and each user adds only its own rows. By default
-each system gets `cg_steps` conjugate-gradient steps warm-started from the factors so far
-(Takacs, Pilaszy & Tikk, RecSys 2011; implicit's default): a step costs O(|I_u| f) instead
-of the O(|I_u| f^2) of forming the matrix, and the factors live in the model's state, so a
-checkpoint resumes exactly. `cg_steps=0` solves every system exactly (torch.linalg.solve
-on (B, f, f)). Rows are batched in chunks whose gathered factors stay under a fixed budget.
+(`cg_steps=0`) every system is solved exactly (torch.linalg.solve on (B, f, f)); with
+`cg_steps` > 0 each gets that many conjugate-gradient steps warm-started from the factors so
+far (Takacs, Pilaszy & Tikk, RecSys 2011; implicit's default, 3): a step costs O(|I_u| f)
+instead of the O(|I_u| f^2) of forming the matrix, but in PyTorch on a CPU its batched
+matrix-vector products are memory-bound, and at 64 factors on ML-1M an exact sweep took
+3.0-3.4 s of CPU against 4.3-4.5 s for 3 CG steps (docs/benchmarks.md). The factors live in
+the model's state either way, so a checkpoint resumes exactly. Rows are batched in chunks
+whose gathered factors stay under a fixed budget.
 Each sweep decreases the objective (CG never increases a quadratic it minimises; reported
 as the epoch's loss, per training interaction), and every sweep is one report, so ASHA can
 prune and early stopping can end the run.
@@ -51,7 +54,7 @@ class ALSConfig:
     reg: float = 0.01  # L2 on every user and item factor (the paper's lambda)
     alpha: float = 10.0  # confidence of an observed interaction: c = 1 + alpha (the paper used 40)
     init_std: float = 0.01  # normal init of the item factors (the first half-sweep solves the users')
-    cg_steps: int = 3  # conjugate-gradient steps per solve, warm-started; 0 = exact solves
+    cg_steps: int = 0  # 0 = exact solves; > 0: that many warm-started conjugate-gradient steps per solve
 
     def validate(self) -> None:
         if self.factors < 1:
