@@ -29,3 +29,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     --set train.device=cuda --json "$OUT/lightgcn.json"
 # Four trials at 0.25 GPU on one real GPU: utilisation and start overhead of the packed sweep.
 "$PY" bench/sweep_overhead.py --trials 8 --epochs 6 --gpus-per-trial 0.25 --json "$OUT/packing.json"
+# EASE and ALS fit on the trial's device (issue 13): the float64 solve and the batched
+# conjugate-gradient sweeps on the GPU, with their seconds, against the CPU figures in
+# docs/benchmarks.md. EASE on Gowalla (40,981 items: 34 GB of solve, refused on a 24 GB CPU
+# machine) fits in an H200's memory.
+for model in ease als; do
+  "$PY" -m rayrec train "$model" --data ml-1m-gsasrec --no-progress --set train.device=cuda \
+      --output "$OUT/$model-ml1m" || true
+done
+"$PY" -m rayrec train ease --data gowalla --no-progress --set train.device=cuda --output "$OUT/ease-gowalla" || true

@@ -97,7 +97,7 @@ import json, sys, torch
 from rayrec.config import build_config
 from rayrec.data import load_split
 from rayrec.train.trainer import Trainer
-cfg = build_config("sasrec", overrides=json.loads(sys.argv[1]))
+cfg = build_config(sys.argv[3], overrides=json.loads(sys.argv[1]))
 trainer = Trainer(cfg, load_split(cfg.data))
 trainer.load(sys.argv[2])
 fit = trainer.fit()
@@ -105,13 +105,23 @@ print(json.dumps({"history": fit.history, "test": trainer.test()}))
 """
 
 
-def test_save_restore_in_fresh_process_gives_identical_metrics(tmp_path):
+# Models that fit themselves resume from their buffers (SLIM's warm start, ALS's factors).
+RESUMED = {
+    "sasrec": {**TINY, "model.dropout": 0.3},
+    "slim": {**{k: v for k, v in TINY.items() if k.startswith(("data.", "train."))}, "model.max_iter": 1},
+    "als": {**{k: v for k, v in TINY.items() if k.startswith(("data.", "train."))}, "model.factors": 8,
+            "model.cg_steps": 3},  # CG warm-starts from the user factors: they must resume too
+}
+
+
+@pytest.mark.parametrize("model", list(RESUMED))
+def test_save_restore_in_fresh_process_gives_identical_metrics(tmp_path, model):
     import json
 
     from rayrec.data import load_split
 
-    overrides = {**TINY, "train.epochs": 4, "model.dropout": 0.3}
-    cfg = build_config("sasrec", overrides=overrides)
+    overrides = {**RESUMED[model], "train.epochs": 4, "train.patience": 10}
+    cfg = build_config(model, overrides=overrides)
     data = load_split(cfg.data)
     straight = Trainer(cfg, data)
     fit = straight.fit()
@@ -122,7 +132,7 @@ def test_save_restore_in_fresh_process_gives_identical_metrics(tmp_path):
     assert partial.epoch == 2
     state = tmp_path / "state.pt"
     partial.save(str(state))
-    out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(overrides), str(state)],
+    out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(overrides), str(state), model],
                          capture_output=True, text=True, check=True).stdout
     resumed = json.loads(out.strip().splitlines()[-1])
     keys = ("epoch", "train_loss", "val_ndcg@10", "val_hr@10", "val_coverage@10")

@@ -1,4 +1,5 @@
-"""Turning a SplitData into model inputs: right-padded sequences and (user, positive, negative) triples."""
+"""Turning a SplitData into model inputs: right-padded sequences, (user, positive, negative)
+triples, and the binary user-item matrix with its rows as item sets (EASE, SLIM, ALS)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,35 @@ def recent_items(history: CSR, users: np.ndarray, length: int) -> np.ndarray:
     inside = col < take[:, None]
     out[inside] = history.items[((ends - take)[:, None] + col)[inside]]
     return out
+
+
+def item_sets(rows: CSR, users: np.ndarray) -> np.ndarray:
+    """Each user's distinct items, ascending, right-padded with 0: int64 [len(users), width].
+
+    For models that read a history as a set (EASE, SLIM, ALS): a repeated interaction counts
+    once, as in `interaction_matrix`. Width = the most distinct items of any row (at least 1).
+    """
+    padded = recent_items(rows, users, max(1, int(rows.lengths().max(initial=0))))
+    padded.sort(axis=1)  # padding (0) first, then each row's items ascending
+    repeat = np.zeros(padded.shape, dtype=bool)
+    repeat[:, 1:] = padded[:, 1:] == padded[:, :-1]
+    padded[repeat] = 0
+    # Stable descending sort on "is an item" moves each row's items left, keeping them ascending.
+    order = np.argsort(padded == 0, axis=1, kind="stable")
+    out = np.take_along_axis(padded, order, axis=1)
+    width = max(1, int((out != 0).sum(axis=1).max(initial=0)))
+    return np.ascontiguousarray(out[:, :width])
+
+
+def interaction_matrix(rows: CSR, n_items: int, dtype=np.float64):
+    """The binary user-item matrix of `rows` as a scipy CSR matrix (n_rows, n_items): entry
+    (u, i - 1) is 1 when item i is in row u, however many times."""
+    from scipy.sparse import csr_matrix
+
+    matrix = csr_matrix((np.ones(rows.nnz, dtype=dtype), rows.items - 1, rows.indptr), shape=(rows.n_rows, n_items))
+    matrix.sum_duplicates()  # sorts each row's columns and adds up repeats ...
+    matrix.data[:] = 1  # ... which count once
+    return matrix
 
 
 def sequence_batches(

@@ -18,6 +18,9 @@ MODELS: dict[str, str] = {
     "gcnii": "rayrec.models.gcnii",
     "layergcn": "rayrec.models.layergcn",
     "svdgcn": "rayrec.models.svdgcn",
+    "ease": "rayrec.models.ease",
+    "slim": "rayrec.models.slim",
+    "als": "rayrec.models.als",
 }
 
 
@@ -36,11 +39,13 @@ def build_model(name: str, cfg, data):
 
 
 def check_model_data(name: str, data) -> None:
-    """A UserError when the model cannot learn from this dataset (sequential models need order)."""
+    """A UserError when the model cannot learn from this dataset (sequential models need order;
+    a model's own `check_data`, e.g. EASE's memory check)."""
     spec = get_model_spec(name)
     if spec.kind == "sequential" and not data.ordered:
         raise UserError(
             f"model '{name}' is sequential and needs interactions in time order, but dataset "
-            f"'{data.name}' has no timestamps or order; use a graph model (lightgcn, bprmf) or pop, "
+            f"'{data.name}' has no timestamps or order; use a graph or matrix model (lightgcn, bprmf, ease, slim, als) or pop, "
             "or give data with a timestamp column"
         )
+    spec.model_cls.check_data(data)

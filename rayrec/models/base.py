@@ -2,6 +2,12 @@
 
 A model owns its maths (how to build training batches it needs, the loss, the scores);
 the trainer owns the loop (optimiser, schedule, clipping, AMP, early stopping, state).
+
+Two ways to learn, one loop (`Trainer.fit`): most models take optimiser steps over
+`train_batches` / `loss`; a model that fits itself (`fits_itself = True`: a closed form such
+as EASE, an alternating or coordinate-descent solver such as ALS or SLIM, or nothing at all
+for popularity) does one `fit_epoch` per epoch instead, on buffers no optimiser sees. Either
+way the trainer evaluates, reports, early-stops and checkpoints after every epoch.
 """
 
 from __future__ import annotations
@@ -17,14 +23,20 @@ from rayrec.data.types import CSR, SplitData
 
 
 class RecModel(nn.Module):
-    """Base class. Subclasses set `kind` and implement train_batches, loss and score.
+    """Base class. Subclasses set `kind` and implement score and either train_batches and
+    loss (optimised models) or fit_epoch (`fits_itself = True`).
 
-    kind: 'sequential' needs chronological rows (SplitData.ordered); 'graph' and 'static'
-    work on any split.
+    kind: 'sequential' needs chronological rows (SplitData.ordered); 'graph', 'matrix' (models
+    of the user-item training matrix: EASE, SLIM, ALS) and 'static' work on any split.
     """
 
     kind: ClassVar[str] = "sequential"
-    trainable: ClassVar[bool] = True  # False: no optimiser steps (popularity); the trainer only evaluates
+    # True: the model fits itself, one `fit_epoch` per epoch, and the trainer makes no
+    # optimiser (popularity, EASE, SLIM, ALS); False: optimiser steps over train_batches/loss.
+    fits_itself: ClassVar[bool] = False
+    # True: the first epoch is the whole fit (a closed form: EASE, popularity), so every run
+    # ends after one epoch and one report, whatever train.epochs says.
+    closed_form: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, data: SplitData):
         super().__init__()
@@ -45,6 +57,22 @@ class RecModel(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar training loss for one batch."""
         raise NotImplementedError
+
+    def fit_epoch(self, data: SplitData, epoch: int, rng: np.random.Generator) -> float:
+        """One epoch of a model that fits itself (`fits_itself`): the closed-form solve, or one
+        iteration of its solver, written into its buffers. Returns the training objective after
+        it (NaN when there is none). Called under torch.no_grad(), after the trainer has seeded
+        torch from (seed, epoch); `rng` is seeded the same way.
+
+        Everything the next epoch needs must live in the model's state_dict, so a checkpoint
+        at an epoch boundary resumes exactly.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def check_data(cls, data: SplitData) -> None:
+        """A UserError when this model cannot be fitted to `data` (e.g. a matrix too large for
+        memory). Runs before any training directory is written or Ray starts."""
 
     def eval_inputs(self, history: CSR, users: np.ndarray) -> dict[str, Any]:
         """What `score` needs to rank items for `users` given what they have seen (history)."""

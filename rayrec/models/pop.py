@@ -1,13 +1,12 @@
 """Popularity baseline: every user gets the items with the most training interactions.
 
-The floor any personalised model must beat; it needs no training, so the trainer only
-evaluates it.
+The floor any personalised model must beat. Its counts are the whole fit: it is a closed
+form whose one epoch has nothing left to do, so the trainer evaluates it once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +24,8 @@ class Popularity(RecModel):
     """score(user, item) = number of training interactions of item, the same for all users."""
 
     kind = "static"
-    trainable = False
+    fits_itself = True
+    closed_form = True
 
     def __init__(self, cfg: PopConfig, data: SplitData):
         super().__init__(cfg, data)
@@ -35,13 +35,8 @@ class Popularity(RecModel):
         # optimiser ever sees it.
         self.register_buffer("counts", counts)
 
-    def train_batches(
-        self, data: SplitData, batch_size: int, rng: np.random.Generator, bucket_batches: int = 1
-    ) -> Iterator[dict[str, Any]]:
-        return iter(())
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise RuntimeError("the popularity model is not trainable (trainable = False); only evaluate it")
+    def fit_epoch(self, data: SplitData, epoch: int, rng: np.random.Generator) -> float:
+        return float("nan")  # the counts were taken at construction; there is no objective
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = len(batch["users"])

@@ -111,7 +111,7 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         torch.manual_seed(tc.seed)  # model init depends only on the seed
         self.model = build_model(cfg.model_name, cfg.model, data).to(self.device)
-        self.optimizer = self._make_optimizer() if self.model.trainable else None
+        self.optimizer = None if self.model.fits_itself else self._make_optimizer()
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch = 0  # epochs completed
@@ -171,7 +171,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
     def fit(self, on_epoch: Callable[["Trainer", dict[str, Any]], bool | None] | None = None,
             progress: bool = False) -> FitResult:
-        """Train until `train.epochs`, early stopping, or `on_epoch` returning True.
+        """Train until `train.epochs` (one epoch for a closed-form model), early stopping, or
+        `on_epoch` returning True.
 
         Without validation users there is no early stopping: the whole budget trains and
         the final weights are kept (FitResult.selection says NO_SELECTION).
@@ -179,19 +180,7 @@ class Trainer:
         `on_epoch(trainer, record)` runs after every epoch's validation, with the trainer's
         state already advanced, so it can save `trainer.state_dict()` for an exact resume.
         """
-        tc = self.cfg.train
         self.stop_reason = ""  # a run paused by on_epoch and restored continues from here
-        if not self.model.trainable:
-            # Nothing to optimise: one evaluation is the whole run (popularity baseline).
-            start = time.perf_counter()
-            record = self._record(self.epoch, float("nan"), 0.0, start)
-            self.epoch += 1
-            self._track_best(record)
-            self.best_state = self._weights()
-            self.stop_reason = "finished"
-            if on_epoch is not None:
-                on_epoch(self, record)
-            return self._result()
         while not self.finished:
             start = time.perf_counter()
             loss, lr = self.train_epoch(self.epoch, progress=progress)
@@ -202,7 +191,7 @@ class Trainer:
             record["best_epoch"] = self.stopper.best_epoch
             if self.stopper.should_stop:
                 self.stop_reason = "early_stopped"
-            elif self.epoch >= tc.epochs:
+            elif self.epoch >= self.epoch_budget:
                 self.stop_reason = "finished"
             if on_epoch is not None and on_epoch(self, record) and not self.stop_reason:
                 # Paused by the caller: keep the current weights so state_dict() can resume.
@@ -224,15 +213,28 @@ class Trainer:
         return self.stopper.update(record[f"val_{self.cfg.train.metric}"], self.epoch)
 
     @property
+    def epoch_budget(self) -> int:
+        """Epochs this run may train: train.epochs, or 1 for a closed-form model (one solve)."""
+        return 1 if self.model.closed_form else self.cfg.train.epochs
+
+    @property
     def finished(self) -> bool:
         """No epoch left: the epoch budget is spent or early stopping has triggered."""
-        return self.epoch >= self.cfg.train.epochs or self.stopper.should_stop
+        return self.epoch >= self.epoch_budget or self.stopper.should_stop
 
     def train_epoch(self, epoch: int, progress: bool = False) -> tuple[float, float]:
-        """One pass over the training batches; returns (mean loss, lr at the end)."""
+        """One pass over the training batches; returns (mean loss, lr at the end).
+
+        A model that fits itself (RecModel.fits_itself) does its `fit_epoch` instead: one
+        closed-form solve or solver iteration; its loss is the objective it reports, its lr NaN.
+        """
         tc = self.cfg.train
         seed_epoch(tc.seed, epoch)
         rng = np.random.default_rng([tc.seed, epoch])
+        if self.model.fits_itself:
+            self.model.train()
+            with torch.no_grad():
+                return float(self.model.fit_epoch(self.data, epoch, rng)), float("nan")
         batches = list(self.model.train_batches(self.data, tc.batch_size, rng, bucket_batches=tc.bucket_batches))
         if tc.limit_train_batches > 0:
             batches = batches[: tc.limit_train_batches]
