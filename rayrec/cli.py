@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C: a sweep stopped before its last trial
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -184,15 +185,33 @@ def sweep(
         cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures, address=address,
         wandb=wandb, seed=seed, resume=resume, verbose=verbose, evaluate_test=not no_test,
     )
-    result = run_sweep(opts)
+    try:
+        result = run_sweep(opts)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop: Tune's state is saved
+        typer.echo(f"error: interrupted; continue with `{resume_command(opts.name, opts.storage)}`", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     metric = result.metric
+    status = result.status
+    if result.already_complete:
+        echo(f"sweep '{result.experiment}' is already complete ({status.describe()}, exported {status.exported}); "
+             "nothing to resume, nothing rewritten")
     echo(summary_table(result, metric))
     if result.best:
-        echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}")
+        partial = " (best so far: the sweep is unfinished)" if status.partial else ""
+        echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}{partial}")
         if "test" in result.best:
             echo_tests(result.best, "best checkpoint on test (once): ")
     echo(f"results: {result.experiment}  (trials.parquet, history.parquet, best.yaml, summary.yaml)")
+    if status.partial:
+        echo(f"interrupted ({status.describe()}): best.yaml and summary.yaml are marked partial and test was not "
+             f"evaluated; continue with `{resume_command(result.experiment.rstrip('/').rsplit('/', 1)[-1], opts.storage)}`")
+        raise typer.Exit(EXIT_INTERRUPTED)
     echo(f"reproduce: rayrec train --config {result.experiment}/best.yaml")
+
+
+def resume_command(name: str | None, storage: str | None) -> str:
+    where = f" --storage {storage}" if storage else ""
+    return f"rayrec sweep --resume --name {name or '<name>'}{where}"
 
 
 @app.command()
@@ -287,13 +306,14 @@ def final(
     config_name: str = typer.Option("best", "--config", help="best (best.yaml) | robust (robust.yaml, top-k averaged)."),
     train_on_valid: bool = typer.Option(False, "--train-on-valid", help="Train on train + validation for the best trial's epoch count."),
     force: bool = typer.Option(False, "--force", help="Evaluate on test again although final.yaml exists (recorded as forced)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Test the best of an unfinished (interrupted) sweep; recorded in final.yaml."),
 ) -> None:
     """Retrain the chosen config and evaluate it on test exactly once; recorded in final.yaml."""
     _setup_logging(False)
     from rayrec.tune.confirm import FinalOptions, run_final
 
     record = run_final(FinalOptions(sweep=sweep_dir, storage=storage, config=config_name,
-                                    train_on_valid=train_on_valid, force=force))
+                                    train_on_valid=train_on_valid, force=force, allow_partial=allow_partial))
     if record["valid"]:
         echo(f"valid (best epoch {record['best_epoch']}): {format_metrics(record['valid'])}")
     echo_tests(record, f"test  (once{', FORCED' if record['forced'] else ''}): ")

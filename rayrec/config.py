@@ -16,6 +16,7 @@ back through `--config` reproduces the run.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +24,15 @@ from typing import Any, Literal
 
 from rayrec.data.config import DataConfig  # lives in the data package, which never imports this module
 from rayrec.errors import UserError, did_you_mean
+from rayrec.experiment import COMPLETE
 
 __all__ = ["DEFAULT_METRIC", "Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
+
+log = logging.getLogger(__name__)
+
+# A sweep's best.yaml says where it came from in a `sweep:` section (name, status, trials
+# finished and planned, the trial): provenance, not configuration, so build_config skips it.
+PROVENANCE = "sweep"
 
 # The validation metric runs select on and sweeps optimise unless told otherwise (the one place it is written).
 DEFAULT_METRIC = "ndcg@10"
@@ -209,6 +217,13 @@ def command_layers(
     alike: (the --config file's mapping, dotted overrides from --data, --format, --seed,
     --epochs and then --set, which wins)."""
     base = load_yaml(config_file) if config_file else {}
+    provenance = base.get(PROVENANCE)
+    if isinstance(provenance, dict) and provenance.get("status", COMPLETE) != COMPLETE:
+        log.warning(
+            f"warning: {config_file} is the best config of an unfinished sweep "
+            f"({provenance.get('trials_finished', '?')} of {provenance.get('trials_planned', '?')} trials finished), "
+            "not the sweep's winner"
+        )
     overrides: dict[str, Any] = {}
     if data is not None:
         overrides["data.name"] = data
@@ -234,7 +249,7 @@ def build_config(
     """
     from rayrec.models import get_model_spec
 
-    base = dict(base or {})
+    base = {key: value for key, value in (base or {}).items() if key != PROVENANCE}
     unknown = set(base) - {"model", "data", "train"}
     if unknown:
         raise UserError(f"unknown config section '{sorted(unknown)[0]}'; valid: model, data, train")

@@ -29,6 +29,7 @@ STATUS_STYLE = {  # colour, line style, end marker
     "early_stopped": ("tab:green", "-", "s"),
     "pruned": ("tab:gray", "--", "x"),
     "errored": ("tab:red", ":", "X"),
+    "interrupted": ("tab:orange", "-.", "|"),  # still training when the sweep was interrupted
 }
 
 
@@ -320,6 +321,9 @@ def render_html(results, ranked, figures, importance, diagnostics, lineage, conf
         _row("best trial", f"{best['trial_id']}: {results.value_col} {float(best[results.value_col]):.4f}"),
         "</table>",
     ]
+    if results.status.partial:
+        parts.append(f"<p class='warn'>PARTIAL: an unfinished sweep ({e(results.status.describe())}); "
+                     "the best trial so far is not the sweep's winner.</p>")
     if str(dataset.get("name", "")).startswith("synthetic"):
         parts.append("<p class='warn'>SYNTHETIC dataset: figures show the tool working, not model quality.</p>")
 

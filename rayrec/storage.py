@@ -333,10 +333,12 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-def write_yaml(url: str, obj: Any) -> None:
+def write_yaml(url: str, obj: Any, header: str = "") -> None:
+    """A YAML file, with `header` (lines of text) as a comment block above it when given."""
     import yaml
 
-    write_bytes(url, yaml.safe_dump(obj, sort_keys=False, default_flow_style=False).encode())
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    write_bytes(url, (comment + yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)).encode())
 
 
 def read_yaml(url: str) -> Any:

@@ -79,9 +79,10 @@ def load_checkpoint(url: str) -> dict[str, Any]:
 def sweep_best_checkpoint(url: str) -> dict[str, Any]:
     """The best trial's best weights from a finished sweep, with the sweep's model and dataset as metadata."""
     from rayrec.config import unflatten
-    from rayrec.experiment import STATE_FILE, SUMMARY_FILE
+    from rayrec.experiment import STATE_FILE, SUMMARY_FILE, warn_if_unfinished
     from rayrec.storage import join, read_yaml
 
+    warn_if_unfinished(url)  # the best so far of an interrupted sweep still warm-starts, said so
     summary = read_yaml(join(url, SUMMARY_FILE))
     best = summary.get("best") or {}
     if not best.get("checkpoint"):
