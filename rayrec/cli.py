@@ -11,11 +11,44 @@ import sys
 from typing import Callable, Optional
 
 import typer
+import typer.core
+
+try:  # typer 0.2x carries its own copy of click, whose exceptions these are
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
 
 from rayrec.errors import UserError
 
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Click's own usage errors (an unknown option or command, a value of the wrong type, a
+    missing argument) as one line and exit status 2, like every other user error, instead
+    of a usage banner and a boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # `rayrec` alone: the help was printed
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click_errors.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="rayrec",
+    cls=OneLineErrors,
     help="Tune sequential and graph recommenders with Ray Tune: train, sweep, analyse.",
     no_args_is_help=True,
     add_completion=False,
@@ -109,11 +142,12 @@ def train(
     from rayrec.data import load_split
     from rayrec.models import check_model_data
     from rayrec.storage import check_writable
-    from rayrec.train.run import default_output, train_run
+    from rayrec.train.run import default_output, train_run, warm_start_checkpoint
     from rayrec.train.trainer import NO_SELECTION
 
     output = output or default_output(cfg)
     check_writable(output, must_not_exist=True)  # before minutes of preprocessing and training
+    checkpoint = warm_start_checkpoint(init_from, cfg.model_name) if init_from else None
     split = load_split(cfg.data)
     check_model_data(cfg.model_name, split)
     echo(split.summary())
@@ -127,7 +161,7 @@ def train(
             f"lr {record['lr']:.2e}  val {val}  {record['epoch_seconds']:.1f}s{best}"
         )
 
-    result = train_run(cfg, split, output=output, init_from=init_from, on_epoch=on_epoch,
+    result = train_run(cfg, split, output=output, init_from=checkpoint, on_epoch=on_epoch,
                        progress=progress and sys.stderr.isatty())
     fit = result.fit
     if fit.selection == NO_SELECTION:

@@ -43,7 +43,7 @@ class Report:
 def build_report(sweep: str, storage: str | None = None, output: str | None = None) -> Report:
     """Read a sweep's results and write index.html, the figures and diagnostics.parquet."""
     from rayrec.experiment import CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, NARROW_FILE, REPORT_DIR
-    from rayrec.storage import exists, read_parquet, read_yaml, write_bytes, write_parquet
+    from rayrec.storage import check_writable, exists, read_parquet, read_yaml, write_bytes, write_parquet
     from rayrec.tune.confirm import confirmation_stats
     from rayrec.tune.diagnostics import diagnose, pbt_lineage
     from rayrec.tune.importance import parameter_importance
@@ -52,6 +52,7 @@ def build_report(sweep: str, storage: str | None = None, output: str | None = No
     results = load_results(sweep, storage)
     ranked = require_completed(results, 1, "a report")
     output = (output or results.file(REPORT_DIR)).rstrip("/")
+    check_writable(output)  # before the figures are drawn
     importance = parameter_importance(ranked, results.space.params, results.value_col)
     diagnostics = diagnose(results)
     lineage = pbt_lineage(results.history) if results.scheduler == "pbt" else None

@@ -227,15 +227,6 @@ def test_sweep_from_uses_the_narrowed_space_and_the_sweeps_base(tmp_path):
         plan_sweep(SweepOptions(model="sasrec", from_sweep=path, space=path + "/next_space.yaml"))
 
 
-def test_missing_sweeps_and_spaces_are_one_line_errors(tmp_path):
-    line = assert_user_error(runner.invoke(app, ["confirm", "nope", "--storage", str(tmp_path)]))
-    assert "no sweep at 'nope'" in line
-    assert_user_error(runner.invoke(app, ["final", str(tmp_path / "nope")]))
-    write_sweep(tmp_path, ten_trials())
-    line = assert_user_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
-    assert "rayrec narrow hand" in line
-
-
 def test_summary_table_ranks_best_first_under_the_sweeps_mode():
     from rayrec.tune.sweep import SweepResult, summary_table
 

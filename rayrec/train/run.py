@@ -94,12 +94,18 @@ def sweep_best_checkpoint(url: str) -> dict[str, Any]:
     return {"model": state.get("best_model") or state["model"], "meta": meta}
 
 
-def init_from_checkpoint(trainer: Trainer, url: str) -> None:
-    """Warm-start a trainer's model from a checkpoint whose model and dataset match."""
+def warm_start_checkpoint(url: str, model_name: str) -> dict[str, Any]:
+    """The checkpoint `--init-from` names, read and checked against the run's model: done
+    before the data is loaded, so a wrong path or model fails at once."""
     payload = load_checkpoint(url)
+    if payload["meta"]["model"] != model_name:
+        raise UserError(f"--init-from checkpoint is a '{payload['meta']['model']}' model, not '{model_name}'")
+    return payload
+
+
+def init_from_checkpoint(trainer: Trainer, payload: dict[str, Any]) -> None:
+    """Warm-start a trainer's model from a checkpoint (warm_start_checkpoint) whose dataset and shapes match."""
     meta = payload["meta"]
-    if meta["model"] != trainer.cfg.model_name:
-        raise UserError(f"--init-from checkpoint is a '{meta['model']}' model, not '{trainer.cfg.model_name}'")
     if meta["fingerprint"] != trainer.data.fingerprint:
         raise UserError(
             f"--init-from checkpoint was trained on dataset fingerprint {meta['fingerprint'][:12]}, "
@@ -108,7 +114,10 @@ def init_from_checkpoint(trainer: Trainer, url: str) -> None:
     try:
         trainer.model.load_state_dict(payload["model"])
     except RuntimeError as exc:
-        raise UserError(f"--init-from checkpoint does not fit this model's shape: {first_line(exc, typed=False)}") from None
+        # torch lists every mismatch after a header line; the first one names a tensor and both shapes.
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [first_line(exc, typed=False)]
+        detail = lines[0] if len(lines[0]) <= 200 else lines[0][:200] + " ..."
+        raise UserError(f"--init-from checkpoint does not fit this model's shape: {detail}") from None
 
 
 def default_output(cfg: Config) -> str:
@@ -120,11 +129,12 @@ def train_run(
     cfg: Config,
     data: SplitData,
     output: str | None = None,
-    init_from: str | None = None,
+    init_from: dict[str, Any] | None = None,
     on_epoch: Callable[[Trainer, dict[str, Any]], Any] | None = None,
     progress: bool = False,
 ) -> RunResult:
-    """Train, evaluate the best weights on test once, and publish the run directory."""
+    """Train, evaluate the best weights on test once, and publish the run directory.
+    `init_from`: a checkpoint from warm_start_checkpoint, whose weights the model starts from."""
     from rayrec.storage import check_writable, publish_dir, write_parquet, write_yaml
 
     output = output or default_output(cfg)

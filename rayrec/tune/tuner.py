@@ -7,6 +7,7 @@ address="local" so it never attaches to an unrelated cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -130,7 +131,26 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None) 
             tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config(plan, reuse_actors), run_config=run_config)
-    return tuner.fit(), stopped.paths
+    with _sigterm_as_ctrl_c():
+        return tuner.fit(), stopped.paths
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """While Tune runs, SIGTERM (`kill`, a scheduler's preemption) stops the sweep as Ctrl-C
+    does: Tune saves its state and the sweep is exported as partial, instead of dying with
+    nothing exported."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 def _hide_tuner_restore_hint() -> None:
     """After Ctrl-C Tune logs 'Resume experiment with: Tuner.restore(...)', Python a rayrec
