@@ -167,7 +167,7 @@ def write_summary(plan: Plan, data, trials, best: dict[str, Any], status: Export
     summary = {
         "name": plan.name,
         "status": status.status,  # partial until every planned trial has stopped
-        "trials_finished": status.trials_finished,
+        "trials_finished": status.trials_finished,  # ran to their end: finished, early-stopped, pruned or errored
         "trials_planned": status.trials_planned,
         "model": plan.model,
         "dataset": data.name,
