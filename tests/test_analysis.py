@@ -318,6 +318,11 @@ def test_a_partial_sweep_is_refused_by_final_and_labelled_by_every_other_reader(
     assert yaml.safe_load(open(os.path.join(path, "narrow.yaml")))["source_status"] == "partial (1 of 10 trials finished)"
     assert "# PARTIAL: narrowed from an unfinished sweep" in open(os.path.join(path, "next_space.yaml")).read()
 
+    result = runner.invoke(app, ["report", path])
+    assert result.exit_code == 0, result.output
+    page = open(os.path.join(path, "report", "index.html")).read()
+    assert "PARTIAL: an unfinished sweep (1 of 10 trials finished)" in page
+
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         base, _ = command_layers(best)
