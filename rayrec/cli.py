@@ -209,6 +209,7 @@ def sweep(
 ) -> None:
     """Tune a model with Ray Tune: parallel trials, pruning, and a reproducible best config."""
     _setup_logging(verbose > 1)
+    from rayrec.experiment import resume_hint
     from rayrec.tune.sweep import SweepOptions, run_sweep, summary_table
 
     opts = SweepOptions(
@@ -222,7 +223,7 @@ def sweep(
     try:
         result = run_sweep(opts)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop: Tune's state is saved
-        typer.echo(f"error: interrupted; continue with `{resume_command(opts.name, opts.storage)}`", err=True)
+        typer.echo(f"error: interrupted; continue with {resume_hint(None, opts.name, opts.storage)}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     metric = result.metric
     status = result.status
@@ -238,14 +239,9 @@ def sweep(
     echo(f"results: {result.experiment}  (trials.parquet, history.parquet, best.yaml, summary.yaml)")
     if status.partial:
         echo(f"interrupted ({status.describe()}): best.yaml and summary.yaml are marked partial and test was not "
-             f"evaluated; continue with `{resume_command(result.experiment.rstrip('/').rsplit('/', 1)[-1], opts.storage)}`")
+             f"evaluated; continue with {resume_hint(result.experiment, storage=opts.storage)}")
         raise typer.Exit(EXIT_INTERRUPTED)
     echo(f"reproduce: rayrec train --config {result.experiment}/best.yaml")
-
-
-def resume_command(name: str | None, storage: str | None) -> str:
-    where = f" --storage {storage}" if storage else ""
-    return f"rayrec sweep --resume --name {name or '<name>'}{where}"
 
 
 @app.command()

@@ -180,5 +180,9 @@ def warn_if_unfinished(experiment: str, name: str | None = None) -> ExportStatus
     return status
 
 
-def resume_hint(experiment: str, name: str | None = None) -> str:
-    return f"`rayrec sweep --resume --name {name or experiment.rstrip('/').rsplit('/', 1)[-1]}`"
+def resume_hint(experiment: str | None, name: str | None = None, storage: str | None = None) -> str:
+    """The command that continues a sweep, in backticks; its name is the experiment folder's
+    unless given ('<name>' when neither is known)."""
+    name = name or (experiment.rstrip("/").rsplit("/", 1)[-1] if experiment else "<name>")
+    where = f" --storage {storage}" if storage else ""
+    return f"`rayrec sweep --resume --name {name}{where}`"
