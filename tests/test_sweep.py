@@ -292,7 +292,9 @@ def test_interrupted_sweep_is_exported_as_partial_and_a_complete_one_is_not_resu
     assert yaml.safe_load(best_text)["sweep"]["status"] == "partial"
     trials = read_parquet(str(experiment / "trials.parquet"))
     assert (trials["status"] == "finished").sum() == summary["trials_finished"]
-    assert len(trials) == 4 or "interrupted" in set(trials["status"])  # cut off, not "pruned"
+    # FIFO prunes nothing: a trial the interrupt cut off is "interrupted" (the trials not yet
+    # started are simply absent).
+    assert set(trials["status"]) <= {"finished", "interrupted"}
     assert summary["best"]["trial_id"] in set(trials.loc[trials["status"] == "finished", "trial_id"])
     wait_for_ray_idle(ray_session)
 
