@@ -272,9 +272,10 @@ def test_interrupted_sweep_is_exported_as_partial_and_a_complete_one_is_not_resu
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         driver = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
         try:
-            # Generous bounds (conditions, not sleeps): on a loaded machine the driver's start alone takes minutes.
-            wait_until(lambda: _finished_trials(experiment, max_epochs=4) or driver.poll() is not None, 480,
-                       "a trial to finish")
+            # Until the driver has recorded a finished trial (its progress line; a trial's own last
+            # report may not have reached the driver yet). Generous bound: a loaded machine is slow.
+            wait_until(lambda: "finished at epoch 4" in (tmp_path / "err.txt").read_text() or driver.poll() is not None,
+                       480, "the driver to record a finished trial")
             assert driver.poll() is None, "driver exited before it could be interrupted"
             driver.send_signal(signal.SIGINT)  # Ctrl-C
             driver.wait(timeout=300)
