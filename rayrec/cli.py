@@ -11,11 +11,44 @@ import sys
 from typing import Callable, Optional
 
 import typer
+import typer.core
+
+try:  # typer 0.2x carries its own copy of click, whose exceptions these are
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
 
 from rayrec.errors import UserError
 
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Click's own usage errors (an unknown option or command, a value of the wrong type, a
+    missing argument) as one line and exit status 2, like every other user error, instead
+    of a usage banner and a boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # `rayrec` alone: the help was printed
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click_errors.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="rayrec",
+    cls=OneLineErrors,
     help="Tune sequential and graph recommenders with Ray Tune: train, sweep, analyse.",
     no_args_is_help=True,
     add_completion=False,
@@ -23,6 +56,7 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C: a sweep stopped before its last trial
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -108,11 +142,12 @@ def train(
     from rayrec.data import load_split
     from rayrec.models import check_model_data
     from rayrec.storage import check_writable
-    from rayrec.train.run import default_output, train_run
+    from rayrec.train.run import default_output, train_run, warm_start_checkpoint
     from rayrec.train.trainer import NO_SELECTION
 
     output = output or default_output(cfg)
     check_writable(output, must_not_exist=True)  # before minutes of preprocessing and training
+    checkpoint = warm_start_checkpoint(init_from, cfg.model_name) if init_from else None
     split = load_split(cfg.data)
     check_model_data(cfg.model_name, split)
     echo(split.summary())
@@ -126,7 +161,7 @@ def train(
             f"lr {record['lr']:.2e}  val {val}  {record['epoch_seconds']:.1f}s{best}"
         )
 
-    result = train_run(cfg, split, output=output, init_from=init_from, on_epoch=on_epoch,
+    result = train_run(cfg, split, output=output, init_from=checkpoint, on_epoch=on_epoch,
                        progress=progress and sys.stderr.isatty())
     fit = result.fit
     if fit.selection == NO_SELECTION:
@@ -174,6 +209,7 @@ def sweep(
 ) -> None:
     """Tune a model with Ray Tune: parallel trials, pruning, and a reproducible best config."""
     _setup_logging(verbose > 1)
+    from rayrec.experiment import resume_hint
     from rayrec.tune.sweep import SweepOptions, run_sweep, summary_table
 
     opts = SweepOptions(
@@ -184,14 +220,27 @@ def sweep(
         cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures, address=address,
         wandb=wandb, seed=seed, resume=resume, verbose=verbose, evaluate_test=not no_test,
     )
-    result = run_sweep(opts)
+    try:
+        result = run_sweep(opts)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's loop: Tune's state is saved
+        typer.echo(f"error: interrupted; continue with {resume_hint(None, opts.name, opts.storage)}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     metric = result.metric
+    status = result.status
+    if result.already_complete:
+        echo(f"sweep '{result.experiment}' is already complete ({status.describe()}, exported {status.exported}); "
+             "nothing to resume, nothing rewritten")
     echo(summary_table(result, metric))
     if result.best:
-        echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}")
+        partial = " (best so far: the sweep is unfinished)" if status.partial else ""
+        echo(f"best trial {result.best['trial_id']}: val {metric} {result.best['value']:.4f}{partial}")
         if "test" in result.best:
             echo_tests(result.best, "best checkpoint on test (once): ")
     echo(f"results: {result.experiment}  (trials.parquet, history.parquet, best.yaml, summary.yaml)")
+    if status.partial:
+        echo(f"interrupted ({status.describe()}): best.yaml and summary.yaml are marked partial and test was not "
+             f"evaluated; continue with {resume_hint(result.experiment, storage=opts.storage)}")
+        raise typer.Exit(EXIT_INTERRUPTED)
     echo(f"reproduce: rayrec train --config {result.experiment}/best.yaml")
 
 
@@ -287,13 +336,14 @@ def final(
     config_name: str = typer.Option("best", "--config", help="best (best.yaml) | robust (robust.yaml, top-k averaged)."),
     train_on_valid: bool = typer.Option(False, "--train-on-valid", help="Train on train + validation for the best trial's epoch count."),
     force: bool = typer.Option(False, "--force", help="Evaluate on test again although final.yaml exists (recorded as forced)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Test the best of an unfinished (interrupted) sweep; recorded in final.yaml."),
 ) -> None:
     """Retrain the chosen config and evaluate it on test exactly once; recorded in final.yaml."""
     _setup_logging(False)
     from rayrec.tune.confirm import FinalOptions, run_final
 
     record = run_final(FinalOptions(sweep=sweep_dir, storage=storage, config=config_name,
-                                    train_on_valid=train_on_valid, force=force))
+                                    train_on_valid=train_on_valid, force=force, allow_partial=allow_partial))
     if record["valid"]:
         echo(f"valid (best epoch {record['best_epoch']}): {format_metrics(record['valid'])}")
     echo_tests(record, f"test  (once{', FORCED' if record['forced'] else ''}): ")

@@ -16,6 +16,7 @@ back through `--config` reproduces the run.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +24,15 @@ from typing import Any, Literal
 
 from rayrec.data.config import DataConfig  # lives in the data package, which never imports this module
 from rayrec.errors import UserError, did_you_mean
+from rayrec.experiment import COMPLETE
 
 __all__ = ["DEFAULT_METRIC", "Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
+
+log = logging.getLogger(__name__)
+
+# A sweep's best.yaml says where it came from in a `sweep:` section (name, status, trials
+# finished and planned, the trial): provenance, not configuration, so build_config skips it.
+PROVENANCE = "sweep"
 
 # The validation metric runs select on and sweeps optimise unless told otherwise (the one place it is written).
 DEFAULT_METRIC = "ndcg@10"
@@ -79,6 +87,8 @@ class TrainConfig:
         for key in ("weight_decay", "warmup_epochs", "grad_clip", "min_delta", "min_lr_ratio"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.seed < 0:
+            raise UserError(f"train.seed must be >= 0, got {self.seed}")
         if self.patience < 1:
             raise UserError(f"train.patience must be >= 1, got {self.patience}")
         if self.schedule_epochs < 0:
@@ -148,8 +158,9 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping from a local path or any fsspec URL, safely."""
+def load_yaml(path: str, what: str = "config file", keys: str = "model:, data:, train:") -> dict[str, Any]:
+    """Read a YAML mapping from a local path or any fsspec URL, safely. `what` names the file
+    in errors, and `keys` what its mapping holds."""
     import fsspec
     import yaml
 
@@ -157,17 +168,19 @@ def load_yaml(path: str) -> dict[str, Any]:
         with fsspec.open(path, "r") as fh:
             loaded = yaml.safe_load(fh)
     except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory; expected a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise UserError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read config file {path}: {exc}") from None
+        raise UserError(f"cannot read {what} {path}: {exc}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise UserError(f"config file {path} must hold a mapping (model:, data:, train:), got {type(loaded).__name__}")
+        raise UserError(f"{what} {path} must hold a mapping ({keys}), got {type(loaded).__name__}")
     return loaded
 
 
@@ -212,6 +225,13 @@ def command_layers(
     alike: (the --config file's mapping, dotted overrides from --data, --format, --seed,
     --epochs and then --set, which wins)."""
     base = load_yaml(config_file) if config_file else {}
+    provenance = base.get(PROVENANCE)
+    if isinstance(provenance, dict) and provenance.get("status", COMPLETE) != COMPLETE:
+        log.warning(
+            f"warning: {config_file} is the best config of an unfinished sweep "
+            f"({provenance.get('trials_finished', '?')} of {provenance.get('trials_planned', '?')} trials finished), "
+            "not the sweep's winner"
+        )
     overrides: dict[str, Any] = {}
     if data is not None:
         overrides["data.name"] = data
@@ -237,7 +257,7 @@ def build_config(
     """
     from rayrec.models import get_model_spec
 
-    base = dict(base or {})
+    base = {key: value for key, value in (base or {}).items() if key != PROVENANCE}
     unknown = set(base) - {"model", "data", "train"}
     if unknown:
         raise UserError(f"unknown config section '{sorted(unknown)[0]}'; valid: model, data, train")
@@ -322,6 +342,10 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{key} must be a mapping, got {value!r}")
+        for k, v in value.items():
+            if v is None and ":" in str(k):  # YAML reads {user:uid} as one key 'user:uid' with no value
+                raise UserError(f"{key} entry '{k}' has no value; write '{str(k).replace(':', ': ', 1)}', "
+                                "with a space after the colon")
         return {str(k): coerce(v, args[1], key) for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):

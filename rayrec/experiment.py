@@ -9,7 +9,8 @@ the analysis commands run on a laptop against a sweep that ran on a cluster.
     trials.parquet      one row per trial: id, status, config, best/last validation metrics
     history.parquet     every reported epoch of every trial
     best.yaml           the best trial's fully resolved config: `rayrec train --config best.yaml`
-    summary.yaml        best trial, its validation metric, its checkpoint's URL and test metrics
+    summary.yaml        best trial, its validation metric, its checkpoint's URL and test metrics;
+                        `status: partial` (with trials_finished / trials_planned) until the sweep completes
     next_space.yaml     `rayrec narrow`: the next stage's search space (narrow.yaml says why)
     robust.yaml         `rayrec narrow`: the top-k averaged config
     diagnostics.parquet `rayrec narrow`: per-trial flags
@@ -21,10 +22,14 @@ the analysis commands run on a laptop against a sweep that ran on a cluster.
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from rayrec.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.parquet"
@@ -41,6 +46,11 @@ CONFIRM_PER_USER = "confirm_per_user.parquet"  # per-user validation metrics of 
 FINAL_FILE = "final.yaml"
 WANDB_SWEEP_FILE = "wandb_sweep.yaml"
 REPORT_DIR = "report"
+
+# summary.yaml's `status`, and best.yaml's `sweep.status`: an interrupted sweep exports its
+# results so far as partial; only the export after the last trial finished says complete.
+COMPLETE = "complete"
+PARTIAL = "partial"
 
 # Inside each of a trial's checkpoint directories.
 STATE_FILE = "trainer.pt"  # the full trainer state (Trainer.state_dict)
@@ -103,6 +113,7 @@ def next_space_source(sweep: str, storage: str | None = None) -> tuple[str, dict
     from rayrec.storage import exists, join, read_yaml
 
     experiment = resolve_experiment(sweep, storage)
+    warn_if_unfinished(experiment)  # narrowed from an interrupted sweep: allowed, said so
     url = join(experiment, NEXT_SPACE_FILE)
     if not exists(url):
         raise UserError(f"sweep '{experiment}' has no {NEXT_SPACE_FILE}; run `rayrec narrow {sweep}` first")
@@ -114,3 +125,65 @@ def is_sweep_dir(url: str) -> bool:
     from rayrec.storage import exists, join
 
     return not url.endswith(".pt") and exists(join(url, SUMMARY_FILE))
+
+
+@dataclass(frozen=True)
+class ExportStatus:
+    """Whether a sweep's exported results are final: summary.yaml's `status` and trial counts."""
+
+    status: str  # COMPLETE or PARTIAL
+    trials_finished: int | None = None
+    trials_planned: int | None = None
+    exported: str | None = None  # UTC time of the export
+
+    @property
+    def partial(self) -> bool:
+        return self.status != COMPLETE
+
+    def describe(self) -> str:
+        """'3 of 8 trials finished' ('export cut off' when summary.yaml is missing)."""
+        if self.trials_finished is None:
+            return "its export was cut off" if self.partial else "trial count not recorded"
+        planned = f" of {self.trials_planned}" if self.trials_planned is not None else ""
+        return f"{self.trials_finished}{planned} trials finished"
+
+    def record(self) -> str:
+        """For the files that cite the sweep (confirm.yaml, final.yaml, narrow.yaml): 'partial (3 of 8 trials finished)'."""
+        return f"{self.status} ({self.describe()})"
+
+
+def export_status(experiment: str) -> ExportStatus | None:
+    """What the sweep's export says about itself; None when nothing was exported yet.
+
+    summary.yaml is written last in every export, so it is the record of completeness. A
+    trials.parquet without a summary.yaml is an export that was cut off: partial. A
+    summary.yaml without `status` predates partial exports, which were only ever written at
+    the end of a sweep: complete.
+    """
+    from rayrec.storage import exists, join, read_yaml
+
+    url = join(experiment, SUMMARY_FILE)
+    if not exists(url):
+        return ExportStatus(PARTIAL) if exists(join(experiment, TRIALS_FILE)) else None
+    summary = read_yaml(url) or {}
+    return ExportStatus(status=str(summary.get("status", COMPLETE)), trials_finished=summary.get("trials_finished"),
+                        trials_planned=summary.get("trials_planned"), exported=summary.get("exported"))
+
+
+def warn_if_unfinished(experiment: str, name: str | None = None) -> ExportStatus | None:
+    """The sweep's export status, after one warning line on stderr when it is partial: for
+    the commands that read an unfinished sweep and go on (narrow, confirm, report,
+    `train --init-from`, `sweep --from`)."""
+    status = export_status(experiment)
+    if status is not None and status.partial:
+        log.warning(f"warning: sweep '{experiment}' is unfinished ({status.describe()}); its results are not "
+                    f"final until {resume_hint(experiment, name)} completes it")
+    return status
+
+
+def resume_hint(experiment: str | None, name: str | None = None, storage: str | None = None) -> str:
+    """The command that continues a sweep, in backticks; its name is the experiment folder's
+    unless given ('<name>' when neither is known)."""
+    name = name or (experiment.rstrip("/").rsplit("/", 1)[-1] if experiment else "<name>")
+    where = f" --storage {storage}" if storage else ""
+    return f"`rayrec sweep --resume --name {name}{where}`"

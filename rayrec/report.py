@@ -29,6 +29,7 @@ STATUS_STYLE = {  # colour, line style, end marker
     "early_stopped": ("tab:green", "-", "s"),
     "pruned": ("tab:gray", "--", "x"),
     "errored": ("tab:red", ":", "X"),
+    "interrupted": ("tab:orange", "-.", "|"),  # still training when the sweep was interrupted
 }
 
 
@@ -42,7 +43,7 @@ class Report:
 def build_report(sweep: str, storage: str | None = None, output: str | None = None) -> Report:
     """Read a sweep's results and write index.html, the figures and diagnostics.parquet."""
     from rayrec.experiment import CONFIRM_FILE, CONFIRM_SUMMARY, FINAL_FILE, NARROW_FILE, REPORT_DIR
-    from rayrec.storage import exists, read_parquet, read_yaml, write_bytes, write_parquet
+    from rayrec.storage import check_writable, exists, read_parquet, read_yaml, write_bytes, write_parquet
     from rayrec.tune.confirm import confirmation_stats
     from rayrec.tune.diagnostics import diagnose, pbt_lineage
     from rayrec.tune.importance import parameter_importance
@@ -51,6 +52,7 @@ def build_report(sweep: str, storage: str | None = None, output: str | None = No
     results = load_results(sweep, storage)
     ranked = require_completed(results, 1, "a report")
     output = (output or results.file(REPORT_DIR)).rstrip("/")
+    check_writable(output)  # before the figures are drawn
     importance = parameter_importance(ranked, results.space.params, results.value_col)
     diagnostics = diagnose(results)
     lineage = pbt_lineage(results.history) if results.scheduler == "pbt" else None
@@ -320,6 +322,9 @@ def render_html(results, ranked, figures, importance, diagnostics, lineage, conf
         _row("best trial", f"{best['trial_id']}: {results.value_col} {float(best[results.value_col]):.4f}"),
         "</table>",
     ]
+    if results.status.partial:
+        parts.append(f"<p class='warn'>PARTIAL: an unfinished sweep ({e(results.status.describe())}); "
+                     "the best trial so far is not the sweep's winner.</p>")
     if str(dataset.get("name", "")).startswith("synthetic"):
         parts.append("<p class='warn'>SYNTHETIC dataset: figures show the tool working, not model quality.</p>")
 

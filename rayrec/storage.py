@@ -18,6 +18,7 @@ runtime_env, whose values Ray writes into its logs (runtime_env_agent.log).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -170,9 +171,13 @@ def check_writable(url: str, must_not_exist: bool = False) -> None:
             raise UserError(f"output '{display(url)}' already exists; choose a new --output or remove it")
         target = f"{path.rstrip('/')}/.rayrec-write-probe-{uuid.uuid4().hex[:8]}"
         if is_local(url):
-            # Create only the parent: the final directory appears when the run is published.
-            parent = os.path.dirname(os.path.abspath(path)) or "."
-            os.makedirs(parent, exist_ok=True)
+            # Probe the nearest folder that exists and create none: a command that fails after
+            # this check leaves nothing behind (the run or sweep creates its own directory).
+            parent = os.path.abspath(path)
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", parent)
             target = os.path.join(parent, os.path.basename(target))
         with fs.open(target, "wb") as fh:
             fh.write(b"ok")
@@ -333,10 +338,12 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-def write_yaml(url: str, obj: Any) -> None:
+def write_yaml(url: str, obj: Any, header: str = "") -> None:
+    """A YAML file, with `header` (lines of text) as a comment block above it when given."""
     import yaml
 
-    write_bytes(url, yaml.safe_dump(obj, sort_keys=False, default_flow_style=False).encode())
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    write_bytes(url, (comment + yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)).encode())
 
 
 def read_yaml(url: str) -> Any:

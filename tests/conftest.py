@@ -166,8 +166,9 @@ BASE = {"model": {"name": "sasrec", "hidden": 16, "max_len": 16}, "data": {"synt
 
 
 def write_sweep(root, trials: list[dict], history: pd.DataFrame | None = None, space: dict | None = None,
-                scheduler: str = "fifo", stage: str | None = "quick", name: str = "hand") -> str:
-    """A sweep directory as `rayrec sweep` exports it, from hand-made trial rows."""
+                scheduler: str = "fifo", stage: str | None = "quick", name: str = "hand", status: str = "complete") -> str:
+    """A sweep directory as `rayrec sweep` exports it, from hand-made trial rows (`status`
+    "partial": as an interrupted sweep exports it)."""
     path = os.path.join(str(root), name)
     os.makedirs(path, exist_ok=True)
     space = space or SPACE
@@ -194,6 +195,9 @@ def write_sweep(root, trials: list[dict], history: pd.DataFrame | None = None, s
             for r in rows if r["status"] != "errored" for e in range(1, r["epochs"] + 1)
         ])
     history.to_parquet(os.path.join(path, "history.parquet"), index=False)
+    with open(os.path.join(path, "summary.yaml"), "w") as fh:  # written last, as the export does
+        yaml.safe_dump({"name": name, "status": status, "trials_finished": len(trials) if status == "complete" else 1,
+                        "trials_planned": len(trials), "model": "sasrec", "trials": len(trials)}, fh)
     return path
 
 

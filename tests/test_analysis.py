@@ -227,15 +227,6 @@ def test_sweep_from_uses_the_narrowed_space_and_the_sweeps_base(tmp_path):
         plan_sweep(SweepOptions(model="sasrec", from_sweep=path, space=path + "/next_space.yaml"))
 
 
-def test_missing_sweeps_and_spaces_are_one_line_errors(tmp_path):
-    line = assert_user_error(runner.invoke(app, ["confirm", "nope", "--storage", str(tmp_path)]))
-    assert "no sweep at 'nope'" in line
-    assert_user_error(runner.invoke(app, ["final", str(tmp_path / "nope")]))
-    write_sweep(tmp_path, ten_trials())
-    line = assert_user_error(runner.invoke(app, ["sweep", "sasrec", "--from", "hand", "--storage", str(tmp_path)]))
-    assert "rayrec narrow hand" in line
-
-
 def test_summary_table_ranks_best_first_under_the_sweeps_mode():
     from rayrec.tune.sweep import SweepResult, summary_table
 
@@ -299,3 +290,51 @@ def test_final_train_on_valid_follows_the_trials_learning_rate_path_and_reports_
     assert final_lrs == pytest.approx([r["lr"] for r in trial_run.history], rel=1e-12)
     # Not the path of a 2-epoch schedule (the retrain used to follow it), which ends at 0.
     assert lr_factor(2.0, 2, 1.0, "cosine", 0.0) == 0.0 < final_lrs[-1]
+
+
+def test_a_partial_sweep_is_refused_by_final_and_labelled_by_every_other_reader(tmp_path, caplog):
+    """An interrupted sweep's export (summary.yaml `status: partial`): `final` will not spend
+    the test set on it without --allow-partial; narrow, confirm, report and a partial
+    best.yaml as --config go on, each saying so."""
+    import logging
+
+    from rayrec.config import build_config, command_layers
+    from rayrec.storage import write_yaml
+
+    path = write_sweep(tmp_path, ten_trials(), status="partial")
+    best = os.path.join(path, "best.yaml")
+    write_yaml(best, {"sweep": {"name": "hand", "status": "partial", "trials_finished": 1, "trials_planned": 10},
+                      **build_config("sasrec", BASE).to_dict()}, header="PARTIAL: the best of an unfinished sweep")
+
+    line = assert_user_error(runner.invoke(app, ["final", path]))
+    assert "is unfinished (1 of 10 trials finished)" in line and "--resume --name hand" in line
+    assert "--allow-partial" in line
+    assert sorted(os.listdir(path)) == ["best.yaml", "history.parquet", "summary.yaml", "sweep.yaml", "trials.parquet"]
+
+    with caplog.at_level(logging.WARNING):
+        result = runner.invoke(app, ["narrow", path])
+    assert result.exit_code == 0, result.output
+    assert "sweep '" + path + "' is unfinished (1 of 10 trials finished)" in caplog.text
+    assert yaml.safe_load(open(os.path.join(path, "narrow.yaml")))["source_status"] == "partial (1 of 10 trials finished)"
+    assert "# PARTIAL: narrowed from an unfinished sweep" in open(os.path.join(path, "next_space.yaml")).read()
+
+    result = runner.invoke(app, ["report", path])
+    assert result.exit_code == 0, result.output
+    page = open(os.path.join(path, "report", "index.html")).read()
+    assert "PARTIAL: an unfinished sweep (1 of 10 trials finished)" in page
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        base, _ = command_layers(best)
+    assert "is the best config of an unfinished sweep (1 of 10 trials finished)" in caplog.text
+    assert build_config(base=base).to_dict() == build_config("sasrec", BASE).to_dict()  # `sweep:` is not config
+
+    # A summary.yaml of an older rayrec (no status) is a complete sweep; trials without a
+    # summary.yaml are an export that was cut off.
+    summary = yaml.safe_load(open(os.path.join(path, "summary.yaml")))
+    del summary["status"]
+    write_yaml(os.path.join(path, "summary.yaml"), summary)
+    assert not load_results(path).status.partial
+    os.remove(os.path.join(path, "summary.yaml"))
+    line = assert_user_error(runner.invoke(app, ["final", path]))
+    assert "unfinished (its export was cut off)" in line

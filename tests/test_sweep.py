@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY, failing_trainable, tiny_space, wait_for_ray_idle
+from conftest import REPO, TINY, failing_trainable, tiny_space, wait_for_ray_idle, wait_until
 from rayrec.config import build_config
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
@@ -249,6 +249,72 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     assert by_epoch.loc[1, "trained_pid"] == by_epoch.loc[2, "trained_pid"] != by_epoch.loc[3, "trained_pid"] == by_epoch.loc[4, "trained_pid"]
     assert by_epoch.loc[2, "replayed"] == 1
     assert by_epoch.loc[3, "restored_epoch"] == 2
+
+
+def test_interrupted_sweep_is_exported_as_partial_and_a_complete_one_is_not_resumed(ray_session, tmp_path):
+    """Ctrl-C mid-sweep: Tune stops, and the export says partial (summary.yaml, best.yaml, the
+    exit status) instead of publishing a winner. The resume completes it; resuming the
+    complete sweep again says so and touches nothing."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from rayrec.cli import app
+
+    space = tiny_space(tmp_path, {"train.lr": LR})
+    storage = tmp_path / "sweeps"
+    cmd = [sys.executable, "-m", "rayrec", "sweep", "sasrec", "--space", space, "--name", "cut",
+           "--storage", str(storage), "--search", "random", "--scheduler", "fifo", "--num-samples", "4",
+           "--max-epochs", "4", "--max-concurrent", "1", "--cpus-per-trial", "1", "--wandb", "off",
+           "--address", ray_session.get_runtime_context().gcs_address, "--no-test"]
+    for s in TINY:
+        cmd += ["--set", s]
+    experiment = storage / "cut"
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+        try:
+            # Until the driver has recorded a finished trial (its progress line; a trial's own last
+            # report may not have reached the driver yet). Generous bound: a loaded machine is slow.
+            wait_until(lambda: "finished at epoch 4" in (tmp_path / "err.txt").read_text() or driver.poll() is not None,
+                       480, "the driver to record a finished trial")
+            assert driver.poll() is None, "driver exited before it could be interrupted"
+            driver.send_signal(signal.SIGINT)  # Ctrl-C
+            driver.wait(timeout=300)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+    output = (tmp_path / "out.txt").read_text()
+    assert driver.returncode == 130, output + (tmp_path / "err.txt").read_text()[-2000:]
+    assert "interrupted (" in output and "--resume --name cut" in output and "reproduce:" not in output
+    summary = yaml.safe_load((experiment / "summary.yaml").read_text())
+    assert summary["status"] == "partial" and summary["trials_planned"] == 4
+    assert summary["trials_finished"] < 4 and "test" not in summary["best"]  # test is not looked at
+    best_text = (experiment / "best.yaml").read_text()
+    assert best_text.startswith("# PARTIAL: the best of an unfinished sweep")
+    assert yaml.safe_load(best_text)["sweep"]["status"] == "partial"
+    trials = read_parquet(str(experiment / "trials.parquet"))
+    assert (trials["status"] == "finished").sum() == summary["trials_finished"]
+    # FIFO prunes nothing: a trial the interrupt cut off is "interrupted" (the trials not yet
+    # started are simply absent).
+    assert set(trials["status"]) <= {"finished", "interrupted"}
+    assert summary["best"]["trial_id"] in set(trials.loc[trials["status"] == "finished", "trial_id"])
+    wait_for_ray_idle(ray_session)
+
+    result = run_sweep(SweepOptions(name="cut", storage=str(storage), resume=True, wandb="off", verbose=0,
+                                    cpus_per_trial=1, evaluate_test=False))
+    assert not result.status.partial and (result.trials["status"] == "finished").sum() == 4
+    summary = yaml.safe_load((experiment / "summary.yaml").read_text())
+    assert (summary["status"], summary["trials_finished"], summary["trials_planned"]) == ("complete", 4, 4)
+    best_text = (experiment / "best.yaml").read_text()
+    assert not best_text.startswith("#") and yaml.safe_load(best_text)["sweep"]["status"] == "complete"
+
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in experiment.rglob("*") if p.is_file()}
+    again = CliRunner().invoke(app, ["sweep", "--resume", "--name", "cut", "--storage", str(storage),
+                                     "--wandb", "off"])
+    assert again.exit_code == 0, again.output
+    assert "is already complete (4 of 4 trials finished" in again.stdout and "nothing rewritten" in again.stdout
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in experiment.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def _finished_trials(experiment, max_epochs: int) -> set[str]:

@@ -42,6 +42,8 @@ class DataConfig:
             raise UserError(
                 f"data.valid_ratio + data.test_ratio must be < 1, got {self.valid_ratio + self.test_ratio}"
             )
+        if self.seed < 0:
+            raise UserError(f"data.seed must be >= 0, got {self.seed}")
         for key in ("synthetic_users", "synthetic_items", "synthetic_length"):
             if getattr(self, key) < 2:
                 raise UserError(f"data.{key} must be >= 2, got {getattr(self, key)}")

@@ -83,9 +83,10 @@ def load_checkpoint(url: str) -> dict[str, Any]:
 def sweep_best_checkpoint(url: str) -> dict[str, Any]:
     """The best trial's best weights from a finished sweep, with the sweep's model and dataset as metadata."""
     from rayrec.config import unflatten
-    from rayrec.experiment import STATE_FILE, SUMMARY_FILE
+    from rayrec.experiment import STATE_FILE, SUMMARY_FILE, warn_if_unfinished
     from rayrec.storage import join, read_yaml
 
+    warn_if_unfinished(url)  # the best so far of an interrupted sweep still warm-starts, said so
     summary = read_yaml(join(url, SUMMARY_FILE))
     best = summary.get("best") or {}
     if not best.get("checkpoint"):
@@ -97,12 +98,18 @@ def sweep_best_checkpoint(url: str) -> dict[str, Any]:
     return {"model": state.get("best_model") or state["model"], "meta": meta}
 
 
-def init_from_checkpoint(trainer: Trainer, url: str) -> None:
-    """Warm-start a trainer's model from a checkpoint whose model and dataset match."""
+def warm_start_checkpoint(url: str, model_name: str) -> dict[str, Any]:
+    """The checkpoint `--init-from` names, read and checked against the run's model: done
+    before the data is loaded, so a wrong path or model fails at once."""
     payload = load_checkpoint(url)
+    if payload["meta"]["model"] != model_name:
+        raise UserError(f"--init-from checkpoint is a '{payload['meta']['model']}' model, not '{model_name}'")
+    return payload
+
+
+def init_from_checkpoint(trainer: Trainer, payload: dict[str, Any]) -> None:
+    """Warm-start a trainer's model from a checkpoint (warm_start_checkpoint) whose dataset and shapes match."""
     meta = payload["meta"]
-    if meta["model"] != trainer.cfg.model_name:
-        raise UserError(f"--init-from checkpoint is a '{meta['model']}' model, not '{trainer.cfg.model_name}'")
     if meta["fingerprint"] != trainer.data.fingerprint:
         raise UserError(
             f"--init-from checkpoint was trained on dataset fingerprint {meta['fingerprint'][:12]}, "
@@ -111,7 +118,10 @@ def init_from_checkpoint(trainer: Trainer, url: str) -> None:
     try:
         trainer.model.load_state_dict(payload["model"])
     except RuntimeError as exc:
-        raise UserError(f"--init-from checkpoint does not fit this model's shape: {first_line(exc, typed=False)}") from None
+        # torch lists every mismatch after a header line; the first one names a tensor and both shapes.
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [first_line(exc, typed=False)]
+        detail = lines[0] if len(lines[0]) <= 200 else lines[0][:200] + " ..."
+        raise UserError(f"--init-from checkpoint does not fit this model's shape: {detail}") from None
 
 
 def default_output(cfg: Config) -> str:
@@ -123,11 +133,12 @@ def train_run(
     cfg: Config,
     data: SplitData,
     output: str | None = None,
-    init_from: str | None = None,
+    init_from: dict[str, Any] | None = None,
     on_epoch: Callable[[Trainer, dict[str, Any]], Any] | None = None,
     progress: bool = False,
 ) -> RunResult:
-    """Train, evaluate the best weights on test once, and publish the run directory."""
+    """Train, evaluate the best weights on test once, and publish the run directory.
+    `init_from`: a checkpoint from warm_start_checkpoint, whose weights the model starts from."""
     from rayrec.storage import check_writable, publish_dir, write_parquet, write_yaml
 
     output = output or default_output(cfg)

@@ -401,6 +401,8 @@ def read_state(fh, device: torch.device | str = "cpu") -> dict[str, Any]:
 
 def load_state(path: str, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a state saved by save_state from a local path or fsspec URL."""
+    import pickle
+
     import fsspec
 
     try:
@@ -408,6 +410,11 @@ def load_state(path: str, device: torch.device | str = "cpu") -> dict[str, Any]:
             return read_state(fh, device)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory but not a sweep (no summary.yaml); give a checkpoint.pt or a "
+                        "sweep's directory") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError):  # torch.load on a file torch.save did not write
+        raise UserError(f"{path} is not a rayrec checkpoint (torch.load cannot read it)") from None
 
 
 def cpu_has_native_bf16() -> bool:

@@ -160,6 +160,7 @@ def run_confirm(opts: ConfirmOptions, data=None) -> ConfirmResult:
     write_parquet(results.file(CONFIRM_PER_USER), pd.concat(per_user, ignore_index=True))
     write_yaml(results.file(CONFIRM_SUMMARY), plain({
         "sweep": results.experiment,
+        "sweep_status": results.status.record(),  # 'partial: ...' when confirmed from an unfinished sweep
         "metric": metric_col,
         "mode": results.mode,
         "seeds": opts.seeds,
@@ -247,6 +248,7 @@ class FinalOptions:
     train_on_valid: bool = False
     force: bool = False
     robust_k: int = 5
+    allow_partial: bool = False  # test the best of an unfinished sweep (recorded in final.yaml)
 
 
 # Long: the steps of the test-once lock in order (resolve, refuse a second test, retrain,
@@ -259,7 +261,8 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
 
     if opts.config not in ("best", "robust"):
         raise UserError(f"--config '{opts.config}' is not valid; valid: best, robust")
-    results = load_results(opts.sweep, opts.storage)
+    results = load_results(opts.sweep, opts.storage, allow_partial=opts.allow_partial,
+                           refusal=", or pass --allow-partial to test its best so far")
     final_url = results.file(FINAL_FILE)
     previous = read_yaml(final_url) if exists(final_url) else None
     if previous and not opts.force:
@@ -317,6 +320,7 @@ def run_final(opts: FinalOptions, data=None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
         "timestamp": utc_timestamp(),
         "forced": bool(previous),
+        "sweep_status": results.status.record(),  # 'partial: ...' only with --allow-partial
         # The sweep itself may have evaluated its best checkpoint on test (summary.yaml); say so.
         "sweep_evaluated_test": bool((summary.get("best") or {}).get("test")),
         "config": resolved if not opts.train_on_valid else cfg.to_dict(),

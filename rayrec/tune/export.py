@@ -6,6 +6,12 @@ checkpoint evaluated on test once, as its own step.
     history.parquet  every reported epoch of every trial, as the trials finally ran them
     best.yaml        the best trial's fully resolved config: `rayrec train --config best.yaml`
     summary.yaml     best trial, its validation metric, checkpoint URL and test metrics
+
+A sweep that was interrupted (Ctrl-C: Tune stops its trials and returns) is exported too,
+as partial: summary.yaml says `status: partial` with the trials finished and planned,
+best.yaml says so in a comment header and in its `sweep:` section, the best is chosen among
+the trials that finished, and test is not looked at. The export after the last trial
+finished overwrites them as complete. summary.yaml is written last: it is the record.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from rayrec.config import DEFAULT_METRIC, flatten
+from rayrec.config import DEFAULT_METRIC, PROVENANCE, flatten
 from rayrec.errors import first_line
-from rayrec.experiment import BEST_FILE, HISTORY_FILE, SUMMARY_FILE, TRIALS_FILE, utc_timestamp
+from rayrec.experiment import BEST_FILE, COMPLETE, HISTORY_FILE, PARTIAL, SUMMARY_FILE, TRIALS_FILE, ExportStatus, utc_timestamp
 from rayrec.storage import join, plain, to_url, write_parquet, write_yaml
 from rayrec.tune.plan import Plan
 from rayrec.tune.results import classify, format_value
@@ -33,45 +39,56 @@ class SweepResult:
     searched: list[str] | None = None  # the space's parameter keys (for the summary table)
     mode: str = "max"  # the sweep's mode: the summary table ranks the best trial first under it
     metric: str = DEFAULT_METRIC  # the sweep's metric, without 'val_'
+    status: ExportStatus = ExportStatus(COMPLETE)
+    already_complete: bool = False  # `--resume` of a complete sweep: nothing ran, nothing was written
 
 
-def export_results(plan: Plan, results, data) -> SweepResult:
-    """Write trials.parquet, history.parquet, best.yaml and summary.yaml; evaluate the best checkpoint on test."""
-    trials, history, best_result, best_value = collect_trials(results, plan.settings)
-    write_parquet(join(plan.experiment, TRIALS_FILE), trials)
-    write_parquet(join(plan.experiment, HISTORY_FILE), history)
+def export_results(plan: Plan, results, data, stopped: set[str], planned: int) -> SweepResult:
+    """Write trials.parquet, history.parquet, best.yaml and summary.yaml; evaluate the best
+    checkpoint on test when the sweep is complete: `planned` trials, each of which stopped
+    (its path in `stopped`: tuner.fit_sweep)."""
+    done = [result.path in stopped for result in results]
+    status = ExportStatus(COMPLETE if all(done) and len(done) >= planned else PARTIAL,
+                          trials_finished=sum(done), trials_planned=planned, exported=utc_timestamp())
+    trials, history, best_result, best_value = collect_trials(results, plan.settings, done)
     best: dict[str, Any] = {}
     if best_result is not None:
-        best = write_best(plan, best_result, best_value)
-        if plan.options.evaluate_test and best_result.checkpoint is not None:
-            best.update(evaluate_best_on_test(best_result.checkpoint, best["resolved"], data))  # "test", "test_<group>"
-        best.pop("resolved")
-    write_summary(plan, data, trials, best)
+        best, resolved = best_section(plan, best_result, best_value)
+        if not status.partial and plan.options.evaluate_test and best_result.checkpoint is not None:
+            best.update(evaluate_best_on_test(best_result.checkpoint, resolved, data))  # "test", "test_<group>"
+    # Test is evaluated before anything is written, so the files of one export appear together.
+    write_parquet(join(plan.experiment, TRIALS_FILE), trials)
+    write_parquet(join(plan.experiment, HISTORY_FILE), history)
+    if best_result is not None:
+        write_best(plan, resolved, best, status)
+    write_summary(plan, data, trials, best, status)
     return SweepResult(experiment=plan.experiment, trials=trials, history=history, best=best,
-                       searched=list(plan.space.params), mode=plan.settings.mode, metric=plan.settings.metric)
+                       searched=list(plan.space.params), mode=plan.settings.mode, metric=plan.settings.metric,
+                       status=status)
 
 
-def collect_trials(results, settings: SweepSettings):
-    """(trials frame, history frame, best Ray result or None, its best metric value) from Tune's ResultGrid."""
+def collect_trials(results, settings: SweepSettings, stopped: list[bool] | None = None):
+    """(trials frame, history frame, best Ray result or None, its best metric value) from
+    Tune's ResultGrid. A trial that had not stopped (`stopped`) is never the best."""
     import pandas as pd
 
     better = max if settings.mode == "max" else min
     rows, history = [], []
     best_result, best_value = None, None
-    for result in results:
-        row, frame = trial_record(result, settings)
+    for result, done in zip(results, stopped or [True] * len(results)):
+        row, frame = trial_record(result, settings, done)
         rows.append(row)
         if frame is not None:
             history.append(frame)
         best = row[f"best_{settings.tune_metric}"]
-        if _finite(best) and (best_value is None or better(best, best_value) == best and best != best_value):
+        if done and _finite(best) and (best_value is None or better(best, best_value) == best and best != best_value):
             best_result, best_value = result, best
     trials = pd.DataFrame(rows)
     history_frame = _clean_history(pd.concat(history, ignore_index=True) if history else pd.DataFrame())
     return trials, history_frame, best_result, best_value
 
 
-def trial_record(result, settings: SweepSettings) -> tuple[dict[str, Any], Any]:
+def trial_record(result, settings: SweepSettings, stopped: bool = True) -> tuple[dict[str, Any], Any]:
     """One trial's row of trials.parquet, and its per-epoch frame (None when it reported nothing)."""
     metric = settings.tune_metric
     better = max if settings.mode == "max" else min
@@ -94,7 +111,7 @@ def trial_record(result, settings: SweepSettings) -> tuple[dict[str, Any], Any]:
     sampled = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
     row = {
         "trial_id": trial_id,
-        "status": classify(last, result.error is not None, settings.max_epochs),
+        "status": classify(last, result.error is not None, settings.max_epochs, stopped),
         "epochs": int(last.get("epoch", 0) or 0),
         f"best_{metric}": better(values) if values else float("nan"),
         f"last_{metric}": last.get(metric, float("nan")),
@@ -109,9 +126,8 @@ def trial_record(result, settings: SweepSettings) -> tuple[dict[str, Any], Any]:
     return row, frame
 
 
-def write_best(plan: Plan, best_result, best_value: float) -> dict[str, Any]:
-    """best.yaml (the best trial's resolved config); returns the summary's `best` section, with
-    the resolved config under "resolved" for the test step."""
+def best_section(plan: Plan, best_result, best_value: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the summary's `best` section, the best trial's fully resolved config)."""
     from rayrec.tune.trainable import resolve_trial_config, trial_threads
 
     last = best_result.metrics or {}
@@ -119,14 +135,25 @@ def write_best(plan: Plan, best_result, best_value: float) -> dict[str, Any]:
     resolved = resolve_trial_config(plan.model, plan.base, best_result.config, threads, last.get("device", "cpu")).to_dict()
     if plan.settings.scheduler == "pbt":
         resolved["train"]["device"] = last.get("device", "cpu")
-    write_yaml(join(plan.experiment, BEST_FILE), resolved)
     best = {"trial_id": last.get("trial_id"), "metric": plan.settings.tune_metric, "value": float(best_value),
             "config": flatten(resolved)}
     if best_result.checkpoint is not None:
         # Its URL, for `rayrec train --init-from <sweep>` (path as Ray reports it, scheme restored).
         best["checkpoint"] = to_url(plan.storage, best_result.checkpoint.path)
-    best["resolved"] = resolved
-    return best
+    return best, resolved
+
+
+def write_best(plan: Plan, resolved: dict[str, Any], best: dict[str, Any], status: ExportStatus) -> None:
+    """best.yaml: the resolved config, after a `sweep:` section saying which sweep and trial it
+    came from and whether the sweep had finished (a comment header says so too when not)."""
+    provenance = {"name": plan.name, "status": status.status, "trials_finished": status.trials_finished,
+                  "trials_planned": status.trials_planned, "trial_id": best["trial_id"],
+                  "metric": best["metric"], "value": best["value"]}
+    header = ""
+    if status.partial:
+        header = (f"PARTIAL: the best of an unfinished sweep ({status.describe()}), not its winner.\n"
+                  f"Finish the sweep with `rayrec sweep --resume --name {plan.name}`; that overwrites this file.")
+    write_yaml(join(plan.experiment, BEST_FILE), plain({PROVENANCE: provenance, **resolved}), header=header)
 
 
 def evaluate_best_on_test(checkpoint, resolved: dict[str, Any], data) -> dict[str, dict[str, float]]:
@@ -136,9 +163,12 @@ def evaluate_best_on_test(checkpoint, resolved: dict[str, Any], data) -> dict[st
     return evaluate_checkpoint_on_test(checkpoint, resolved, data)
 
 
-def write_summary(plan: Plan, data, trials, best: dict[str, Any]) -> None:
+def write_summary(plan: Plan, data, trials, best: dict[str, Any], status: ExportStatus) -> None:
     summary = {
         "name": plan.name,
+        "status": status.status,  # partial until every planned trial has stopped
+        "trials_finished": status.trials_finished,  # ran to their end: finished, early-stopped, pruned or errored
+        "trials_planned": status.trials_planned,
         "model": plan.model,
         "dataset": data.name,
         "synthetic": bool(data.info.get("synthetic", False)),
@@ -148,7 +178,7 @@ def write_summary(plan: Plan, data, trials, best: dict[str, Any]) -> None:
         "trials": len(trials),
         "status_counts": trials["status"].value_counts().to_dict() if len(trials) else {},
         "best": plain(best),
-        "exported": utc_timestamp(),
+        "exported": status.exported,
     }
     write_yaml(join(plan.experiment, SUMMARY_FILE), summary)
 

@@ -176,6 +176,8 @@ def write_narrowing(results: SweepResults, narrowing: Narrowing) -> str:
         f"# Next stage: {narrowing.next_stage or '(the space defines no stages)'}; run it with "
         f"`rayrec sweep {results.model} --from {results.experiment}`.",
     ]
+    if results.status.partial:
+        lines.append(f"# PARTIAL: narrowed from an unfinished sweep ({results.status.describe()}).")
     if imp.conclusive:
         lines.append("# Importance (" + imp.method + "; sums to 1): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in imp.scores.items()))
@@ -186,7 +188,8 @@ def write_narrowing(results: SweepResults, narrowing: Narrowing) -> str:
     body = yaml.safe_dump(plain(narrowing.space.to_dict()), sort_keys=False, default_flow_style=None)
     url = results.file(NEXT_SPACE_FILE)
     write_bytes(url, ("\n".join(lines) + "\n" + body).encode())
-    write_yaml(results.file(NARROW_FILE), plain({"source": results.experiment, "next_space": url, **narrowing.to_dict()}))
+    write_yaml(results.file(NARROW_FILE), plain({"source": results.experiment, "source_status": results.status.record(),
+                                                     "next_space": url, **narrowing.to_dict()}))
     return url
 
 def robust_params(top, params: dict[str, Param]) -> dict[str, Any]:

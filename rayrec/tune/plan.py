@@ -100,6 +100,12 @@ def base_config(model: str, space: SearchSpace, settings: SweepSettings, opts: S
     space's `fixed` values < --data and --set < the sweep's epochs and metric.
     """
     file_base, flag_overrides = command_layers(opts.config, opts.data, None, opts.sets)
+    # The sweep owns the epoch budget and the metric: a --set that disagrees would be overridden unseen.
+    for key, value, owner in (("train.epochs", settings.max_epochs, "--max-epochs or the space's stage"),
+                              ("train.metric", settings.metric, "the space's `sweep: metric:`")):
+        if key in flag_overrides and str(flag_overrides[key]) != str(value):
+            raise UserError(f"--set {key}={flag_overrides[key]} conflicts with the sweep's {key.split('.')[1]} "
+                            f"{value}; a sweep sets it with {owner}")
     # The sweep's budget and metric are its settings (--max-epochs, the space's metric), above any --set.
     overrides = {**space.fixed, **flag_overrides, "train.epochs": settings.max_epochs, "train.metric": settings.metric}
     base = overlay(file_base if opts.config else (from_base or {}), overrides)

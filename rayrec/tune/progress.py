@@ -1,4 +1,5 @@
-"""Concise sweep progress: one log line per finished, pruned or failed trial.
+"""What the driver follows of a sweep's trials: one log line per finished, pruned or failed
+trial (TrialLines), and which trials stopped for good (StoppedTrials).
 
 Ray's own status tables are wide and repeat every few seconds; at the default verbosity
 rayrec silences them and logs what a person watching a sweep wants to know instead.
@@ -53,3 +54,29 @@ class TrialLines(tune.Callback):
         best = f"{self.best:.4f}" if self.best is not None else "n/a"
         log.info("[%d%s] trial %s %s: best %s %s (sweep best %s)",
                  self.done, total, trial.trial_id, what, self.metric, shown, best)
+
+
+class StoppedTrials(tune.Callback):
+    """The paths of the trials that stopped for good: finished, pruned or errored, in this run
+    or in the one a resume continues.
+
+    After Ctrl-C, Tune returns with the trials it cut off marked TERMINATED like finished
+    ones (its saved experiment state, which a resume reads, has them RUNNING). A trial
+    counts as stopped only when Tune completed or failed it, so the export can tell an
+    interrupted sweep from a finished one.
+    """
+
+    def __init__(self):
+        self.paths: set[str] = set()
+        self._first_step = True
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self._first_step:  # a resumed sweep's trials that had stopped before
+            self._first_step = False
+            self.paths.update(t.path for t in trials if t.status in ("TERMINATED", "ERROR"))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.paths.add(trial.path)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.paths.add(trial.path)

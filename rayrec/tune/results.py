@@ -19,19 +19,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayrec.errors import UserError
-from rayrec.experiment import HISTORY_FILE, SPEC_FILE, TRIALS_FILE, resolve_experiment
+from rayrec.experiment import (
+    COMPLETE,
+    HISTORY_FILE,
+    SPEC_FILE,
+    TRIALS_FILE,
+    ExportStatus,
+    export_status,
+    resolve_experiment,
+    resume_hint,
+    warn_if_unfinished,
+)
 from rayrec.storage import plain
 from rayrec.tune.settings import SweepSettings
 from rayrec.tune.space import SearchSpace, parse_space
 
 COMPLETED = ("finished", "early_stopped", "pruned")
-STATUSES = ("errored", "early_stopped", "finished", "pruned")
+STATUSES = ("errored", "early_stopped", "finished", "interrupted", "pruned")
 
 
-def classify(last: dict[str, Any], error: bool, max_epochs: int) -> str:
-    """Why a trial stopped: errored, early_stopped (patience), finished (max epochs) or pruned (scheduler)."""
+def classify(last: dict[str, Any], error: bool, max_epochs: int, stopped: bool = True) -> str:
+    """Why a trial stopped: errored, early_stopped (patience), finished (max epochs) or pruned
+    (scheduler); interrupted when it had not stopped (`stopped` False: the sweep was cut off)."""
     if error:
         return "errored"
+    if not stopped:
+        return "interrupted"
     reason = last.get("stop_reason") or ""
     if reason in ("early_stopped", "finished"):
         return reason
@@ -49,6 +62,7 @@ class SweepResults:
     trials: Any  # pandas DataFrame, trials.parquet
     history: Any  # pandas DataFrame, history.parquet
     space: SearchSpace
+    status: ExportStatus = ExportStatus(COMPLETE)  # summary.yaml's: partial for an interrupted sweep
 
     @property
     def model(self) -> str:
@@ -92,24 +106,36 @@ class SweepResults:
 
         return join(self.experiment, name)
 
-def load_results(sweep: str, storage: str | None = None) -> SweepResults:
+def load_results(sweep: str, storage: str | None = None, allow_partial: bool = True,
+                 refusal: str = "") -> SweepResults:
+    """A sweep's exported results. A partial export (an interrupted sweep) is read with a
+    one-line warning on stderr; with `allow_partial=False` it is refused, `refusal` saying
+    which flag overrides that."""
     from rayrec.storage import exists, join, read_parquet, read_yaml
 
     experiment = resolve_experiment(sweep, storage)
     spec = read_yaml(join(experiment, SPEC_FILE)) or {}
     trials_url = join(experiment, TRIALS_FILE)
+    resume = resume_hint(experiment, spec.get("name"))
     if not exists(trials_url):
         raise UserError(
             f"sweep '{experiment}' has no trials.parquet yet: it is still running or was interrupted; "
-            f"finish it with `rayrec sweep --resume --name {spec.get('name', '<name>')}`"
+            f"finish it with {resume}"
         )
+    if allow_partial:
+        status = warn_if_unfinished(experiment, spec.get("name"))
+    else:
+        status = export_status(experiment)
+        if status.partial:
+            raise UserError(f"sweep '{experiment}' is unfinished ({status.describe()}): its best is not the "
+                            f"sweep's winner; finish it with {resume}{refusal}")
     trials = read_parquet(trials_url)
     history_url = join(experiment, HISTORY_FILE)
     import pandas as pd
 
     history = read_parquet(history_url) if exists(history_url) else pd.DataFrame()
     space = parse_space(dict(spec["space"]), source=join(experiment, SPEC_FILE))
-    return SweepResults(experiment=experiment, spec=spec, trials=trials, history=history, space=space)
+    return SweepResults(experiment=experiment, spec=spec, trials=trials, history=history, space=space, status=status)
 
 def rank_trials(trials, value_col: str, mode: str = "max"):
     """Completed (not errored) trials with a finite `value_col`, best first."""

@@ -174,7 +174,7 @@ def load_space(model: str | None, path: str | None = None) -> SearchSpace:
         path = space_path(model)
         if not os.path.exists(path):
             raise UserError(f"no search space for model '{model}' at {path}; pass one with --space FILE.yaml")
-    raw = load_yaml(path)
+    raw = load_yaml(path, what="search space", keys=", ".join(f"{k}:" for k in TOP_KEYS))
     space = parse_space(raw, source=path)
     if model is not None and space.model != model:
         raise UserError(f"search space {path} is for model '{space.model}', not '{model}'")
@@ -225,7 +225,10 @@ def parse_space(raw: dict[str, Any], source: str = "<space>") -> SearchSpace:
     # Every key must be a real config field with a value its type accepts: build a config
     # at each parameter's bounds. This also catches a range that the model itself rejects.
     for probe in _probes(params) if params else [{}]:
-        build_config(model, overrides={**fixed, **probe})
+        try:
+            build_config(model, overrides={**fixed, **probe})
+        except UserError as exc:  # say where: the same key is fine elsewhere (a --set, a config file)
+            raise UserError(f"{where}: {exc}") from None
     space = SearchSpace(model=model, params=params, fixed=dict(fixed), sweep=dict(sweep), stages=stages,
                         mutate=mutate, source=source)
     _check_mutations_keep_shapes(space)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 
 from rayrec.errors import UserError
-from rayrec.experiment import SPEC_FILE
+from rayrec.experiment import SPEC_FILE, SUMMARY_FILE, TRIALS_FILE, export_status
 from rayrec.tune.export import SweepResult, summary_table
 from rayrec.tune.plan import Plan, SweepOptions, plan_resume, plan_sweep, require_validation, spec_record
-from rayrec.tune.tuner import check_local_gpus, check_resources, connect_ray, fit_sweep
+from rayrec.tune.tuner import check_local_gpus, check_resources, connect_ray, fit_sweep, planned_trials
 
 __all__ = ["REUSE_ACTORS", "Plan", "SweepOptions", "SweepResult", "connect_ray", "plan_sweep", "run_sweep", "summary_table"]
 
@@ -38,6 +38,10 @@ def run_sweep(opts: SweepOptions, data=None, trial_function=None) -> SweepResult
     from rayrec.tune.export import export_results
 
     plan = plan_resume(opts) if opts.resume else plan_sweep(opts)
+    if opts.resume:
+        status = export_status(plan.experiment)
+        if status is not None and not status.partial:
+            return completed_result(plan, status)  # nothing to resume: nothing runs, nothing is rewritten
     plan.options.wandb = wandb_mode(plan.options.wandb)  # resolved once, before Ray: bad values exit 2 here
     check_writable(plan.storage)  # resumes too: the sweep keeps writing there
     if not opts.resume and exists(join(plan.experiment, SPEC_FILE)):
@@ -53,7 +57,19 @@ def run_sweep(opts: SweepOptions, data=None, trial_function=None) -> SweepResult
     check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
     if not opts.resume:
         write_yaml(join(plan.experiment, SPEC_FILE), spec_record(plan, data))
-    results = fit_sweep(plan, data, reuse_actors=REUSE_ACTORS, trial_function=trial_function)
-    result = export_results(plan, results, data)
-    log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
+    results, stopped = fit_sweep(plan, data, reuse_actors=REUSE_ACTORS, trial_function=trial_function)
+    result = export_results(plan, results, data, stopped, planned_trials(plan))
+    if not result.status.partial:
+        log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
     return result
+
+
+def completed_result(plan: Plan, status) -> SweepResult:
+    """A complete sweep as its export left it: its trials and best, read back, nothing written."""
+    from rayrec.storage import join, read_parquet, read_yaml
+
+    summary = read_yaml(join(plan.experiment, SUMMARY_FILE)) or {}
+    trials = read_parquet(join(plan.experiment, TRIALS_FILE))
+    return SweepResult(experiment=plan.experiment, trials=trials, history=None, best=summary.get("best") or {},
+                       searched=list(plan.space.params), mode=plan.settings.mode, metric=plan.settings.metric,
+                       status=status, already_complete=True)

@@ -7,7 +7,9 @@ address="local" so it never attaches to an unrelated cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 from typing import Any
 
@@ -70,18 +72,21 @@ def check_local_gpus(opts: SweepOptions) -> None:
 def _autoscaling() -> bool:
     return bool(os.environ.get("RAYREC_AUTOSCALING"))
 
-def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None):
-    """Assemble the Tuner (or restore it, for --resume) and run it; Ray's ResultGrid.
+def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None) -> tuple[Any, set[str]]:
+    """Assemble the Tuner (or restore it, for --resume) and run it: Ray's ResultGrid, and the
+    paths of the trials that stopped for good (fewer than all after a Ctrl-C).
 
     `trial_function` replaces trainable.train_trial, with the same signature (tests wrap it
     to inject failures); Tune names trials after it.
     """
     from ray import tune
 
+    from rayrec.tune.progress import StoppedTrials
     from rayrec.tune.storage_handoff import pyarrow_filesystem
     from rayrec.tune.trainable import train_trial
 
     s, opts = plan.settings, plan.options
+    stopped = StoppedTrials()
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_function or train_trial, data=data, model=plan.model, base=plan.base,
@@ -89,7 +94,7 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None):
         ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
-    param_space = {**plan.space.tune_domains(s.search), **opts.extra_space}
+    param_space = tune_param_space(plan)
     fs, storage_path = pyarrow_filesystem(plan.storage)
     run_config = tune.RunConfig(
         name=plan.name,
@@ -97,7 +102,7 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None):
         storage_filesystem=fs,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if s.scheduler == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-        callbacks=_callbacks(plan),
+        callbacks=[*_callbacks(plan), stopped],
         # Ray's tables only at -v 2; by default TrialLines logs one line per trial.
         verbose=2 if opts.verbose >= 2 else 0,
     )
@@ -113,6 +118,7 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None):
     # a driver killed right after a trial finished does not resume and rerun that trial; on
     # object stores every snapshot is an upload, so at most every 5 s there.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0" if fs is None else "5")
+    _hide_tuner_restore_hint()
     if opts.resume:
         if not tune.Tuner.can_restore(f"{storage_path}/{plan.name}", storage_filesystem=fs):
             raise UserError(f"sweep '{plan.name}' has no Ray experiment state to resume in {plan.storage}")
@@ -125,7 +131,54 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None):
             tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config(plan, reuse_actors), run_config=run_config)
-    return tuner.fit()
+    with _sigterm_as_ctrl_c():
+        return tuner.fit(), stopped.paths
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """While Tune runs, SIGTERM (`kill`, a scheduler's preemption) stops the sweep as Ctrl-C
+    does: Tune saves its state and the sweep is exported as partial, instead of dying with
+    nothing exported."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+def _hide_tuner_restore_hint() -> None:
+    """After Ctrl-C Tune logs 'Resume experiment with: Tuner.restore(...)', Python a rayrec
+    user cannot run; `rayrec sweep` prints its own `--resume` command instead."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoRestoreHint) for f in tune_log.filters):
+        tune_log.addFilter(_NoRestoreHint())
+
+
+class _NoRestoreHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+def tune_param_space(plan: Plan) -> dict[str, Any]:
+    return {**plan.space.tune_domains(plan.settings.search), **plan.options.extra_space}
+
+
+def tune_num_samples(plan: Plan) -> int:
+    """Tune's num_samples: repeats of the whole space (a grid is covered exactly once)."""
+    return 1 if plan.settings.search == "grid" else plan.settings.num_samples
+
+
+def planned_trials(plan: Plan) -> int:
+    """How many trials Tune will create: num_samples times every grid's size."""
+    grids = [len(v["grid_search"]) for v in tune_param_space(plan).values() if isinstance(v, dict) and "grid_search" in v]
+    return tune_num_samples(plan) * math.prod(grids)
+
 
 def tune_config(plan: Plan, reuse_actors: bool = True):
     """Scheduler, searcher and budget as Ray's TuneConfig (metric and mode set here only: ray-notes §0.5)."""
@@ -147,7 +200,7 @@ def tune_config(plan: Plan, reuse_actors: bool = True):
     else:
         scheduler = FIFOScheduler()
     max_concurrent = opts.max_concurrent
-    num_samples = s.num_samples
+    num_samples = tune_num_samples(plan)
     if s.search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
@@ -159,8 +212,6 @@ def tune_config(plan: Plan, reuse_actors: bool = True):
         # Tune ignores max_concurrent_trials when given a generator instance; it takes its own limit.
         searcher = BasicVariantGenerator(random_state=opts.seed, max_concurrent=max_concurrent or 0)
         max_concurrent = None
-        if s.search == "grid":
-            num_samples = 1  # a grid is covered exactly once
     # Reusing worker processes saves each trial a process start and imports (~5 s on a small
     # machine, bench/sweep_overhead.py); the trainable frees its GPU memory at the end.
     return tune.TuneConfig(metric=metric, mode=s.mode, num_samples=num_samples, search_alg=searcher,
