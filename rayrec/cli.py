@@ -124,7 +124,7 @@ SET_HELP = "Override a config value, e.g. --set train.lr=0.003 --set model.hidde
 @app.command()
 @user_errors
 def train(
-    model: Optional[str] = typer.Argument(None, help="Model name (sasrec, bert4rec, gru4rec, lightgcn, bprmf, pop); optional with --config."),
+    model: Optional[str] = typer.Argument(None, help="Model name (`rayrec models` lists them); optional with --config."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     data_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (e.g. a sweep's best.yaml)."),
