@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> dict:
     epochs, last = [], None
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        loss, _ = trainer.train_epoch(epoch) if trainer.model.trainable else (float("nan"), 0.0)
+        loss, _ = trainer.train_epoch(epoch) if not trainer.model.closed_form else (float("nan"), 0.0)
         train_seconds = time.perf_counter() - t0
-        final = epoch + 1 == args.epochs or not trainer.model.trainable  # popularity: one evaluation
+        final = epoch + 1 == args.epochs or trainer.model.closed_form  # popularity: one evaluation
         row = {"epoch": epoch + 1, "train_seconds": train_seconds, "loss": loss}
         pace = train_seconds + (epochs[-1]["eval_seconds"] if epochs and "eval_seconds" in epochs[-1] else 0.0)
         out_of_time = time.perf_counter() + pace > deadline
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> dict:
         "mean_train_seconds": mean_train, "mean_eval_seconds": mean_eval, "epoch_seconds": mean_train + mean_eval,
         # Edges actually trained per second (a capped epoch, train.limit_train_batches, trains
         # fewer); seconds per FULL epoch extrapolate from it. Unknown for popularity (no training).
-        "edges_per_second": edges / mean_train if trainer.model.trainable else float("nan"),
-        "full_epoch_seconds": data.train.nnz * mean_train / edges if trainer.model.trainable else float("nan"),
+        "edges_per_second": edges / mean_train if not trainer.model.closed_form else float("nan"),
+        "full_epoch_seconds": data.train.nnz * mean_train / edges if not trainer.model.closed_form else float("nan"),
         "last_epoch": last["epoch"], "test_recall@20": last["recall"], "test_ndcg@20": last["ndcg"],
         "test_coverage@20": last["coverage"], "load_at_end": load_average(), "epochs": epochs,
     }

@@ -235,11 +235,8 @@ def test_popularity_ranks_by_training_counts():
     )
     assert get_model_spec("pop").model_cls is Popularity
     model = build_model("pop", PopConfig(), data)
-    assert model.kind == "static" and not model.trainable
+    assert model.kind == "static" and model.fits_itself and model.closed_form
     assert list(model.parameters()) == [] and "counts" in dict(model.named_buffers())
-    assert list(model.train_batches(data, 8, np.random.default_rng(0))) == []
-    with pytest.raises(RuntimeError):
-        model.loss({})
     scores = model.score({"users": torch.tensor([0, 3])})
     assert scores.shape == (2, 7)
     # counts: item 1 once, item 2 twice, item 3 three times, items 4-6 never
