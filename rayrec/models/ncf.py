@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from rayrec.data.batches import pair_batches
 from rayrec.errors import UserError
 from rayrec.models.base import ModelSpec, RecModel
+from rayrec.models.bprmf import GRAPH_TRAIN_DEFAULTS
 
 # (user, item) pairs per chunk when scoring the whole catalogue: bounds the (users, items,
 # width) activations of the MLP to about 16M values (64 MiB in float32) at a time.
@@ -127,10 +128,7 @@ class NeuMF(RecModel):
 # 256 positives with their negatives; no decoupled decay by default (the paper has none).
 # Early stopping on the graph protocol's Recall@20 with a moderate patience: NCF converges in
 # tens of epochs, not hundreds.
-NCF_TRAIN_DEFAULTS = {
-    "lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "batch_size": 256, "epochs": 200,
-    "patience": 10, "warmup_epochs": 0.0, "metric": "recall@20",
-}
+NCF_TRAIN_DEFAULTS = {**GRAPH_TRAIN_DEFAULTS, "batch_size": 256, "epochs": 200, "patience": 10}
 
 SPEC = ModelSpec(
     name="ncf", kind="graph", config_cls=NCFConfig, model_cls=NeuMF,
