@@ -232,7 +232,9 @@ def test_als_sweep_is_pruned_by_asha_and_its_best_yaml_reproduces(ray_session, t
     from rayrec.train.run import train_run
     from rayrec.tune.sweep import SweepOptions, run_sweep
 
-    sets = [*TINY_DATA, "model.factors=8", "train.eval_batch_size=256"]
+    # ALS converges within a few sweeps on tiny data: a long patience keeps early stopping out of the way, so
+    # only ASHA ends trials early.
+    sets = [*TINY_DATA, "model.factors=8", "train.eval_batch_size=256", "train.patience=50"]
     data = load_split(build_config("als", overrides=dict(s.split("=") for s in TINY_DATA)).data)
     result = run_sweep(SweepOptions(model="als", storage=str(tmp_path / "sweeps"), name="asha", sets=sets, wandb="off",
                                     cpus_per_trial=0.5, verbose=0, search="random", scheduler="asha", num_samples=9,
