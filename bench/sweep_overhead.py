@@ -118,23 +118,7 @@ def run(args: argparse.Namespace) -> dict:
         result = run_sweep(opts, data=data)
         wall = time.time() - t0
     history, trials = result.history, result.trials
-    per_trial = history.groupby("trial_id").agg(
-        started=("trial_started", "min"), end=("reported_at", "max"), epochs=("epoch", "max"),
-        epoch_seconds=("epoch_seconds", "sum"), train_seconds=("train_seconds", "sum"),
-    )
-    first = history.sort_values("epoch").groupby("trial_id").first()
-    per_trial["first_batch"] = first["reported_at"] - first["epoch_seconds"]
-    per_trial = per_trial.sort_values("started")
-    # A slot frees when a trial reports its last epoch; trials take slots in start order.
-    free = sorted([t0] * slots)
-    waits = []
-    for _, row in per_trial.iterrows():
-        slot_free = free.pop(0)
-        waits.append(max(row["started"] - slot_free, 0.0))
-        free = sorted(free + [row["end"]])
-    per_trial["before_trainable"] = waits
-    per_trial["inside_trainable"] = per_trial["first_batch"] - per_trial["started"]
-    per_trial["start_overhead"] = per_trial["before_trainable"] + per_trial["inside_trainable"]
+    per_trial = trial_timings(history, t0, slots)
     busy, training = per_trial["epoch_seconds"].sum(), per_trial["train_seconds"].sum()
     span = per_trial["end"].max() - t0
     full = per_trial[per_trial["epochs"] >= args.epochs]
@@ -169,6 +153,30 @@ def run(args: argparse.Namespace) -> dict:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
     return out
+
+
+def trial_timings(history, t0: float, slots: int):
+    """Per trial (from a sweep's history.parquet frame): start, end, epochs, busy seconds and the
+    start overhead (a slot becoming free -> the trial's first batch), split into the part before
+    the trainable function runs and the part inside it. Trials take slots in start order; a slot
+    frees when its trial reports its last epoch."""
+    per_trial = history.groupby("trial_id").agg(
+        started=("trial_started", "min"), end=("reported_at", "max"), epochs=("epoch", "max"),
+        epoch_seconds=("epoch_seconds", "sum"), train_seconds=("train_seconds", "sum"),
+    )
+    first = history.sort_values("epoch").groupby("trial_id").first()
+    per_trial["first_batch"] = first["reported_at"] - first["epoch_seconds"]
+    per_trial = per_trial.sort_values("started")
+    free = sorted([t0] * slots)
+    waits = []
+    for _, row in per_trial.iterrows():
+        slot_free = free.pop(0)
+        waits.append(max(row["started"] - slot_free, 0.0))
+        free = sorted(free + [row["end"]])
+    per_trial["before_trainable"] = waits
+    per_trial["inside_trainable"] = per_trial["first_batch"] - per_trial["started"]
+    per_trial["start_overhead"] = per_trial["before_trainable"] + per_trial["inside_trainable"]
+    return per_trial
 
 
 if __name__ == "__main__":

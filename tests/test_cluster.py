@@ -133,6 +133,34 @@ def test_sweep_across_nodes_survives_losing_a_worker(tmp_path):
     assert report["shutdown_clean"]
 
 
+def test_thirty_trial_sweep_on_two_nodes_ships_the_dataset_once_per_node(tmp_path):
+    """The CI version of bench/scale.py: 30 trials on 2 simulated one-CPU nodes, all finished,
+    and the object store moved the dataset to each node once, not once per trial."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(WANDB_MODE="disabled", RAY_DEDUP_LOGS="0")
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(REPO / "bench" / "scale.py"), "--trials", "30", "--nodes", "2", "--cpus-per-node", "1",
+           "--epochs", "1", "--set", "data.synthetic_users=400", "--json", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        log, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail("30-trial sweep timed out:\n" + log.decode()[-4000:])
+    assert proc.returncode == 0 and out.exists(), log.decode()[-4000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["finished"] == 30 and result["epochs_total"] == 30
+    workers = {k: v for k, v in result["trials_per_node"].items() if k != "head"}
+    assert len(workers) == 2 and sum(workers.values()) == 30 and min(workers.values()) >= 5, workers
+    # Each worker node created one copy of the dataset in its object store (plus a few bytes of
+    # small objects), although it ran 5 or more trials.
+    copies = {k: v for k, v in result["dataset_copies_per_node"].items() if k != "head"}
+    assert all(0.99 <= c < 1.5 for c in copies.values()), copies
+    assert result["snapshots"] >= 1 and result["export_s"] > 0
+
+
 def _cluster_sweep(workdir: str) -> None:
     """Run in a subprocess: a 3-node Ray cluster, a sweep, a worker removed once it holds a checkpoint."""
     import logging

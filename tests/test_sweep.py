@@ -357,3 +357,28 @@ def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
     # Nothing missing: the frame comes back as it was.
     full = merged[["epoch", "val_ndcg@10", "trial_id"]]
     assert _with_checkpoint_reports(full, tune.Checkpoint.from_directory(str(ckpt)), "t1") is full
+
+
+def test_snapshot_cadence_keeps_to_its_budget_above_rayrecs_floor(monkeypatch):
+    """Experiment-state snapshots: period = 19 x the last snapshot's duration (5% of the
+    driver's time), floored at 0 s on local storage and 5 s on object stores; a user's own
+    TUNE_GLOBAL_CHECKPOINT_S is left alone."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from rayrec.tune.tuner import adaptive_snapshots
+
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    adaptive_snapshots(min_period=0.0)
+    manager = _ExperimentCheckpointManager(storage=None, checkpoint_period=os.environ["TUNE_GLOBAL_CHECKPOINT_S"])
+    assert manager.auto_checkpoint_enabled
+    manager._update_auto_checkpoint_time(0.002)  # a small sweep: a snapshot after (nearly) every step
+    assert manager._checkpoint_period == pytest.approx(0.038)
+    manager._update_auto_checkpoint_time(0.5)  # a large one: every 9.5 s
+    assert manager._checkpoint_period == pytest.approx(9.5)
+    adaptive_snapshots(min_period=5.0)  # an object store: each snapshot is an upload
+    manager._update_auto_checkpoint_time(0.002)
+    assert manager._checkpoint_period == 5.0
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")
+    adaptive_snapshots(min_period=0.0)
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
+    assert not _ExperimentCheckpointManager(storage=None, checkpoint_period="7").auto_checkpoint_enabled
