@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb", default="off", choices=["off", "offline"], help="the W&B callback (offline: real client)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra config override key=value")
     p.add_argument("--json", help="write every size's figures to this JSON file")
+    p.add_argument("--profile", help="cProfile the driver's main thread; write the top functions to this file")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -244,9 +245,22 @@ def run_one(args: argparse.Namespace) -> dict:
     sampler.mark()
     sampler.start()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t0 = time.time()
     result = run_sweep(opts, data=data)
     wall = time.time() - t0
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        with open(args.profile, "w") as fh:
+            pstats.Stats(profiler, stream=fh).sort_stats("tottime").print_stats(40)
+            pstats.Stats(profiler, stream=fh).sort_stats("cumulative").print_stats(60)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     sampler.stop.set()
     sampler.join()
@@ -320,6 +334,7 @@ def main(args: argparse.Namespace) -> None:
             out = os.path.join(tmp, f"{n}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--out", out, "--nodes", str(args.nodes),
                    "--cpus-per-node", str(args.cpus_per_node), "--epochs", str(args.epochs), "--wandb", args.wandb,
+                   *(["--profile", f"{args.profile}.{n}"] if args.profile else []),
                    *[f"--set={s}" for s in args.sets]]
             env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
             log = os.path.join(tmp, f"{n}.log")
