@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,7 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(storage, ignore_errors=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
     return out

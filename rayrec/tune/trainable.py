@@ -128,7 +128,18 @@ def restore_trial(trainer: Trainer) -> tuple[list[dict[str, Any]], dict[str, Any
     instead of being trained twice.
     """
     checkpoint = tune.get_checkpoint()
-    tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device) if checkpoint is not None else None
+    tune_state = None
+    if checkpoint is not None:
+        try:
+            tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device)
+        except FileNotFoundError:
+            # The experiment-state snapshot a resume starts from can name a checkpoint that the
+            # trial has since rotated out (CheckpointConfig.num_to_keep): its newer ones are in
+            # its own directory (newest_own_state). A PBT donor's checkpoint has no stand-in.
+            if not is_own_checkpoint(checkpoint):
+                raise
+            log.warning("checkpoint %s is gone (rotated out after the last snapshot); resuming from the trial's newest",
+                        checkpoint.path)
     newer = newest_own_state(checkpoint, trainer.device)
     state, reports = newer or tune_state or (None, [])
     if state is None:
@@ -208,10 +219,9 @@ def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str,
     fs, trial_path = where
     current = -1
     if checkpoint is not None:
-        parent, name = posixpath.split(checkpoint.path.rstrip("/"))
-        if parent != trial_path:
+        if not is_own_checkpoint(checkpoint):
             return None
-        current = _checkpoint_index(name)
+        current = _checkpoint_index(posixpath.basename(checkpoint.path.rstrip("/")))
     import pyarrow.fs
 
     try:
@@ -228,6 +238,12 @@ def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str,
         except Exception:
             continue
     return None
+
+
+def is_own_checkpoint(checkpoint) -> bool:
+    """Whether a Tune checkpoint lies in the running trial's own directory (not a PBT donor's)."""
+    where = _trial_storage()
+    return where is not None and posixpath.dirname(checkpoint.path.rstrip("/")) == where[1]
 
 
 def _checkpoint_index(name: str) -> int:

@@ -163,6 +163,16 @@ def adaptive_snapshots(min_period: float) -> None:
 
     _ExperimentCheckpointManager._rayrec_floor = min_period
     _ExperimentCheckpointManager._update_auto_checkpoint_time = update
+    # Tune also forces a snapshot whenever any trial has written `num_to_keep` checkpoints
+    # since the last one, so that the state never names a checkpoint already rotated out. On
+    # a large sweep that is several snapshots a second, each of them O(trials): 401 snapshots
+    # instead of about 240 at 1,000 two-epoch trials. rayrec's trials resume from their own
+    # newest checkpoint when the one the state names is gone (trainable.restore_trial).
+    _ExperimentCheckpointManager.on_trial_checkpoint = _no_forced_snapshot
+
+
+def _no_forced_snapshot(self, trial) -> None:
+    """Replaces _ExperimentCheckpointManager.on_trial_checkpoint (see adaptive_snapshots)."""
 
 
 @contextlib.contextmanager
