@@ -24,7 +24,7 @@ TINY_MODELS = ["--set", "sasrec:model.hidden=16", "--set", "sasrec:model.max_len
 
 
 def test_compare_sasrec_gru4rec_pop_end_to_end(ray_session, tmp_path, monkeypatch):
-    from rayrec.config import build_config
+    from rayrec.config import build_config, parse_overrides
     from rayrec.data import load_split
 
     monkeypatch.chdir(tmp_path)
@@ -48,7 +48,7 @@ def test_compare_sasrec_gru4rec_pop_end_to_end(ray_session, tmp_path, monkeypatc
         assert summary["status"] == "complete" and summary["trials"] == 2
         assert not any(k.startswith("test") for k in summary["best"]), summary["best"]
     # Per-user rows: one per evaluated user, per split, per run.
-    data = load_split(build_config("sasrec", {}, {k: v for k, v in (i.split("=") for i in TINY_DATA)}).data)
+    data = load_split(build_config("sasrec", {}, parse_overrides(TINY_DATA)).data)
     n_valid, n_test = len(data.eval_users("valid")), len(data.eval_users("test"))
     users = pd.read_parquet(root / "compare_per_user.parquet")
     for (model, seed), group in users.groupby(["model", "seed"]):

@@ -277,7 +277,7 @@ def run_compare(opts: CompareOptions, data=None) -> CompareResult:
     from rayrec.config import build_config
     from rayrec.data import load_split
     from rayrec.models import check_model_data
-    from rayrec.storage import check_writable, exists, join, plain, read_yaml, write_yaml
+    from rayrec.storage import check_writable, join, plain, read_yaml, write_yaml
     from rayrec.tracking import wandb_mode
     from rayrec.tune.plan import require_validation
 
@@ -317,10 +317,7 @@ def run_compare(opts: CompareOptions, data=None) -> CompareResult:
         configs[m] = read_yaml(join(plan.tuned[m], BEST_FILE))
         configs[m].pop("sweep", None)  # provenance, not configuration
     retrain_all(plan, configs, data)
-    result = finish(plan, data)
-    if not exists(record_url):
-        raise UserError(f"{record_url} disappeared during the comparison")
-    return result
+    return finish(plan, data)
 
 
 def search_model(plan: ComparePlan, model: str, data) -> bool:
@@ -484,14 +481,12 @@ def finish(plan: ComparePlan, data) -> CompareResult:
     from rayrec.compare_stats import leaderboard, pvalue_matrix
     from rayrec.storage import join, plain, read_parquet, read_yaml, write_parquet, write_yaml
     from rayrec.tracking import log_compare_summary
-    from rayrec.tune.confirm import seed_list
 
     opts = plan.options
     records, users = [], []
     for m in plan.models:
         seeds = [int(u.rsplit("seed", 1)[1].split(".")[0]) for u in _run_files(plan, m)]
-        expected = len(seed_list(0, opts.seeds))
-        for s in sorted(seeds)[:expected]:
+        for s in sorted(seeds)[:opts.seeds]:
             records.append(read_yaml(run_url(plan, m, s, "yaml")))
             users.append(read_parquet(run_url(plan, m, s, "parquet")))
     runs = pd.DataFrame(records)
