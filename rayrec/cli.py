@@ -390,14 +390,19 @@ def compare(
 ) -> None:
     """Compare models on one dataset: equal tuning budgets, multi-seed retraining, test once, paired tests."""
     _setup_logging(verbose > 1)
-    from rayrec.tune.compare import CompareOptions, leaderboard_text, run_compare
+    from rayrec.tune.compare import CompareOptions, default_name, leaderboard_text, run_compare
 
+    name = name or (None if resume else default_name())  # known up front, for the resume hint
     opts = CompareOptions(models=list(models or []), data=data, sets=list(sets), name=name, storage=storage, stage=stage,
                           trials=trials, max_epochs=max_epochs, minutes=minutes, from_sweeps=list(from_sweeps),
                           seeds=seeds, metric=metric, alpha=alpha, cpus_per_trial=cpus_per_trial,
                           gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, address=address, wandb=wandb,
                           resume=resume, verbose=verbose)
-    result = run_compare(opts)
+    try:
+        result = run_compare(opts)
+    except KeyboardInterrupt:  # outside Tune's loop (e.g. retraining): finished runs are kept
+        typer.echo(f"error: interrupted; continue with `rayrec compare --resume --name {opts.name or '<name>'}`", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     where = result.experiment.rstrip("/").rsplit("/", 1)[-1]
     if result.interrupted:
         typer.echo(f"interrupted in {result.interrupted}'s search; continue with `rayrec compare --resume --name {where}`",

@@ -78,7 +78,8 @@ def build_compare_report(experiment: str, table, runs, pvalues, tuning, metric: 
     e = html.escape
     shown = ["model", "n_seeds", "val_mean", "val_std", "test_mean", "test_std", "ci_low", "ci_high", "n_users",
              "gap", "wilcoxon_p", "wilcoxon_p_holm", "ttest_p", "ttest_p_holm", "significant", "spread_exceeds_gap",
-             "trials", "epochs", "trial_seconds", "wall_seconds", "peak_rss_mb", "peak_gpu_mb", "retrain_seconds"]
+             "tune_trials", "tune_epochs", "tune_trial_seconds", "tune_wall_seconds", "tune_peak_rss_mb", "tune_peak_gpu_mb",
+             "retrain_seconds", "retrain_peak_rss_mb"]
     leader = str(table["model"].iloc[0])
     parts = [
         "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",

@@ -63,8 +63,9 @@ def test_compare_sasrec_gru4rec_pop_end_to_end(ray_session, tmp_path, monkeypatc
     assert (models["ci_low"] <= models["ci_high"]).all()
     # Cost columns from the trials' own reports.
     tuned = models.set_index("model").loc[["sasrec", "gru4rec"]]
-    assert (tuned["trials"] == 2).all() and (tuned["peak_rss_mb"] > 50).all() and (tuned["trial_seconds"] > 0).all()
-    assert models.set_index("model").loc["pop", "trials"] == 0
+    assert (tuned["tune_trials"] == 2).all() and (tuned["tune_peak_rss_mb"] > 50).all()
+    assert (tuned["tune_trial_seconds"] > 0).all() and (tuned["tune_wall_seconds"] > 0).all()
+    assert models.set_index("model").loc["pop", "tune_trials"] == 0 and (runs["peak_rss_mb"] > 50).all()
     tuning = pd.read_parquet(root / "tuning.parquet")
     assert set(tuning["model"]) == {"sasrec", "gru4rec"}
     report = root / "report"
@@ -74,7 +75,12 @@ def test_compare_sasrec_gru4rec_pop_end_to_end(ray_session, tmp_path, monkeypatc
     assert set(record["test_evaluations"].values()) == {1}
     # W&B (offline): the leaderboard run in the comparison's group, and the sweeps' runs tagged with it.
     assert record["wandb_run"] == "cmp-leaderboard"
-    assert glob.glob(str(root / "wandb" / "offline-run-*-cmp-leaderboard"))
+    from wandb_offline import read_offline_run
+
+    (run_dir,) = glob.glob(str(root / "wandb" / "offline-run-*-cmp-leaderboard"))
+    run = read_offline_run(run_dir)
+    assert run["group"] == "cmp" and run["name"] == "leaderboard" and "compare" in run["tags"]
+    assert run["summary"]["leader"] == record["leader"] and "leaderboard" in run["summary"]
     sweep_spec = yaml.safe_load((root / "sweeps" / "sasrec" / "sweep.yaml").read_text())
     assert sweep_spec["options"]["tags"] == ["compare", "cmp"]
 

@@ -108,6 +108,10 @@ class CompareResult:
 
 
 # --- planning (no Ray) -------------------------------------------------------------------
+def default_name() -> str:
+    return f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
 def model_overrides(models: list[str], sets: list[str]) -> dict[str, dict[str, Any]]:
     """--set items per model: `key=value` for all, `MODEL:key=value` for that model only."""
     from rayrec.config import parse_overrides
@@ -176,7 +180,7 @@ def plan_compare(opts: CompareOptions) -> ComparePlan:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if opts.minutes is not None and not opts.minutes > 0:
         raise UserError(f"--minutes must be > 0, got {opts.minutes}")
-    name = opts.name or f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    name = opts.name or default_name()
     if "/" in name or not name.strip():
         raise UserError(f"--name '{name}' must be a plain name without '/'")
     storage = opts.storage or default_storage()
@@ -293,6 +297,11 @@ def run_compare(opts: CompareOptions, data=None) -> CompareResult:
     for m in plan.models:
         check_model_data(m, data)
     require_validation(data, opts.metric)
+    for sweep in plan.tuned.values() if opts.from_sweeps else ():
+        tuned_on = (read_yaml(join(sweep, SPEC_FILE)).get("dataset") or {}).get("fingerprint")
+        if tuned_on != data.fingerprint:
+            raise UserError(f"--from sweep '{sweep}' was tuned on dataset fingerprint {str(tuned_on)[:12]}, but its "
+                            f"best config's data loads as {data.fingerprint[:12]}; rerun the sweep on this data")
     if not opts.resume:
         write_yaml(record_url, plain({
             "status": "running", "name": plan.name, "created": utc_timestamp(), "models": plan.models,
@@ -458,11 +467,11 @@ def sweep_cost(experiment: str, metric: str, mode: str = "max") -> tuple[dict[st
         return pd.to_numeric(history[name], errors="coerce") if name in history else pd.Series(dtype=float)
 
     start, reported = col("trial_started"), col("reported_at")
-    cost = {"trials": int(len(trials)), "epochs": int(pd.to_numeric(trials["epochs"]).sum()) if len(trials) else 0,
-            "trial_seconds": float(col("epoch_seconds").sum()),
-            "wall_seconds": float(reported.max() - start.min()) if len(start.dropna()) and len(reported.dropna()) else math.nan,
-            "peak_rss_mb": float(col("peak_rss_mb").max()) if "peak_rss_mb" in history else math.nan,
-            "peak_gpu_mb": float(col("peak_gpu_mb").max()) if "peak_gpu_mb" in history else math.nan}
+    cost = {"tune_trials": int(len(trials)), "tune_epochs": int(pd.to_numeric(trials["epochs"]).sum()) if len(trials) else 0,
+            "tune_trial_seconds": float(col("epoch_seconds").sum()),
+            "tune_wall_seconds": float(reported.max() - start.min()) if len(start.dropna()) and len(reported.dropna()) else math.nan,
+            "tune_peak_rss_mb": float(col("peak_rss_mb").max()) if "peak_rss_mb" in history else math.nan,
+            "tune_peak_gpu_mb": float(col("peak_gpu_mb").max()) if "peak_gpu_mb" in history else math.nan}
     curve = pd.DataFrame(columns=["trial_index", "seconds", "best"])
     if len(history) and value in history and "reported_at" in history:
         h = history.assign(_v=col(value), _t=reported)
@@ -500,8 +509,8 @@ def finish(plan: ComparePlan, data) -> CompareResult:
             cost, curve = sweep_cost(plan.tuned[m], opts.metric)
             curves.append(curve.assign(model=m))
         else:
-            cost = {"trials": 0, "epochs": 0, "trial_seconds": 0.0, "wall_seconds": 0.0,
-                    "peak_rss_mb": math.nan, "peak_gpu_mb": math.nan}
+            cost = {"tune_trials": 0, "tune_epochs": 0, "tune_trial_seconds": 0.0, "tune_wall_seconds": 0.0,
+                    "tune_peak_rss_mb": math.nan, "tune_peak_gpu_mb": math.nan}
         group = runs[runs["model"] == m]
         cost["retrain_seconds"] = float(group["seconds"].sum())
         cost["retrain_peak_rss_mb"] = float(group["peak_rss_mb"].max())
@@ -578,7 +587,7 @@ def leaderboard_text(result: CompareResult, alpha: float = 0.05) -> str:
     t = result.table
     m = result.metric
     head = (f"{'model':<10}{'val ' + m:>14}{'test ' + m:>15}{'95% CI (users)':>18}{'p (Holm)':>10}  "
-            f"{'trials':>6}{'epochs':>7}{'wall s':>8}{'peak MB':>8}  verdict")
+            f"{'trials':>6}{'epochs':>7}{'wall s':>8}{'peak MB':>8}  verdict  (tuning cost: trials, epochs, wall-clock, peak RSS)")
     lines = [head]
     for _, r in t.iterrows():
         pm = "+-"
@@ -592,9 +601,8 @@ def leaderboard_text(result: CompareResult, alpha: float = 0.05) -> str:
             verdict = "significantly behind" if r["significant"] else f"not significant at {alpha:g}"
             if r["spread_exceeds_gap"]:
                 verdict += "; seed spread exceeds the gap"
-        peak = r.get("peak_rss_mb", math.nan)
-        lines.append(f"{r['model']:<10}{val:>14}{test:>15}{ci:>18}{p:>10}  {int(r['trials']):>6}{int(r['epochs']):>7}"
-                     f"{_f(r['wall_seconds'], 0):>8}{_f(peak, 0):>8}  {verdict}")
+        lines.append(f"{r['model']:<10}{val:>14}{test:>15}{ci:>18}{p:>10}  {int(r['tune_trials']):>6}"
+                     f"{int(r['tune_epochs']):>7}{_f(r['tune_wall_seconds'], 0):>8}{_f(r['tune_peak_rss_mb'], 0):>8}  {verdict}")
     return "\n".join(lines)
 
 
