@@ -44,7 +44,7 @@ def pvalue_figure(pvalues) -> bytes:
     for i in range(len(names)):
         for j in range(len(names)):
             if i != j and math.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", color="white" if values[i, j] < 0.5 else "black")
+                ax.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", color="black" if values[i, j] < 0.5 else "white")  # viridis_r: light for small p
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_title("Wilcoxon p-values (Holm over all pairs)")
