@@ -108,3 +108,45 @@ def test_models_of_another_task_or_split_cannot_share_one():
                                    {"sasrec": loo, "lightgcn": {**loo, "split": "ratio"}})
     assert "data.split=loo" in problem and "data.split=ratio" in problem
     assert shared_split_problem({"sasrec": "ranking", "pop": "ranking"}, {"sasrec": loo, "pop": dict(loo)}) is None
+
+
+def test_finish_ranks_tests_and_reports_from_run_records(tmp_path):
+    """The last step alone, without Ray or training: hand-made run records and a hand-made sweep."""
+    import numpy as np
+
+    from conftest import ten_trials, write_sweep
+    from rayrec.tune.compare import COMPARE_FILE, CompareOptions, ComparePlan, finish, leaderboard_text, run_url
+
+    root = tmp_path / "cmp"
+    sweep = write_sweep(root / "sweeps", ten_trials(), name="sasrec")
+    history = pd.read_parquet(os.path.join(sweep, "history.parquet"))
+    history = history.assign(reported_at=1000.0 + np.arange(len(history)), trial_started=1000.0, epoch_seconds=1.0,
+                             peak_rss_mb=300.0)
+    history.to_parquet(os.path.join(sweep, "history.parquet"))
+    opts = CompareOptions(models=["sasrec"], seeds=2, wandb="off", bootstrap_resamples=200)
+    plan = ComparePlan(options=opts, models=["sasrec", "pop"], name="cmp", experiment=str(root),
+                       tuned={"sasrec": sweep}, untuned=["pop"], model_sets={}, data_config={}, budget={})
+    (root / COMPARE_FILE).write_text("status: running\n")
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "runs")
+    for model, shift in (("sasrec", 0.1), ("pop", 0.0)):
+        for seed in (42, 43):
+            values = np.clip(rng.uniform(0, 0.5, 50) + shift, 0, 1)
+            pd.DataFrame({"model": model, "seed": seed, "split": ["valid"] * 50 + ["test"] * 50,
+                          "user": list(range(50)) * 2, "ndcg@10": np.r_[values, values]}).to_parquet(
+                run_url(plan, model, seed, "parquet"))
+            with open(run_url(plan, model, seed, "yaml"), "w") as fh:
+                yaml.safe_dump({"model": model, "seed": seed, "val_ndcg@10": float(values.mean()),
+                                "test_ndcg@10": float(values.mean()), "seconds": 2.0, "test_evaluations": 1,
+                                "peak_rss_mb": 400.0, "peak_gpu_mb": float("nan")}, fh)
+    result = finish(plan, None)
+    table = result.table.set_index("model")
+    assert table.loc["sasrec", "leader"] and table.loc["pop", "significant"]
+    assert table.loc["sasrec", "tune_trials"] == 10 and table.loc["sasrec", "tune_wall_seconds"] == 39.0
+    assert table.loc["pop", "tune_trials"] == 0
+    text = leaderboard_text(result)
+    assert "leader (chosen on validation)" in text and "significantly behind" in text
+    assert {"index.html", "leaderboard.png", "pvalues.png", "tuning_curves.png"} <= set(os.listdir(root / "report"))
+    curve = pd.read_parquet(root / "tuning.parquet")
+    assert list(curve["trial_index"]) == list(range(1, 11)) and curve["best"].is_monotonic_increasing
+    assert yaml.safe_load((root / COMPARE_FILE).read_text())["status"] == "complete"
