@@ -364,6 +364,56 @@ def report(
     echo(f"report: {result.index}  ({len(result.figures)} figures)")
 
 
+@app.command()
+@user_errors
+def compare(
+    models: Optional[list[str]] = typer.Argument(None, help="Models to compare (`rayrec models`); popularity is always added."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help="key=value for every model, MODEL:key=value for one (repeatable)."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials per model (default 12; unlimited with --minutes)."),
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Epochs per trial, for every model (default 8)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Wall-clock search budget per model."),
+    stage: str = typer.Option("quick", "--stage", help="Space stage for the search settings other than the budget."),
+    from_sweeps: list[str] = typer.Option([], "--from", help="A finished sweep per tuned model instead of searching (repeatable)."),
+    seeds: int = typer.Option(5, "--seeds", help="Training seeds per model's best config."),
+    metric: str = typer.Option("ndcg@10", "--metric", help="Validation metric to tune and rank on; tested on test."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level (Holm-corrected across models)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Comparison name (default compare-<time>); needed for --resume."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where it lives (default ./sweeps or $RAYREC_STORAGE)."),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="CPUs per trial and per retrained run."),
+    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="GPUs per trial and per retrained run."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials running at once."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | off."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the comparison --name."),
+    verbose: int = typer.Option(1, "--verbose", "-v", help="0 quiet, 1 concise, 2 full."),
+) -> None:
+    """Compare models on one dataset: equal tuning budgets, multi-seed retraining, test once, paired tests."""
+    _setup_logging(verbose > 1)
+    from rayrec.tune.compare import CompareOptions, default_name, leaderboard_text, run_compare
+
+    name = name or (None if resume else default_name())  # known up front, for the resume hint
+    opts = CompareOptions(models=list(models or []), data=data, sets=list(sets), name=name, storage=storage, stage=stage,
+                          trials=trials, max_epochs=max_epochs, minutes=minutes, from_sweeps=list(from_sweeps),
+                          seeds=seeds, metric=metric, alpha=alpha, cpus_per_trial=cpus_per_trial,
+                          gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, address=address, wandb=wandb,
+                          resume=resume, verbose=verbose)
+    try:
+        result = run_compare(opts)
+    except KeyboardInterrupt:  # outside Tune's loop (e.g. retraining): finished runs are kept
+        typer.echo(f"error: interrupted; continue with `rayrec compare --resume --name {opts.name or '<name>'}`", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    where = result.experiment.rstrip("/").rsplit("/", 1)[-1]
+    if result.interrupted:
+        typer.echo(f"interrupted in {result.interrupted}'s search; continue with `rayrec compare --resume --name {where}`",
+                   err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.already_complete:
+        echo(f"comparison '{where}' is already complete; nothing rerun, nothing rewritten")
+    echo(leaderboard_text(result, alpha))
+    echo(f"results: {result.experiment}  (compare.parquet, compare_per_user.parquet, compare.yaml, report/index.html)")
+
+
 def main() -> None:
     app()
 

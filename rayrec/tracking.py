@@ -103,7 +103,8 @@ def _is_staging(plan: Any) -> bool:
 
 def tags(plan: Any) -> list[str]:
     dataset = str((plan.base.get("data") or {}).get("name", "synthetic"))
-    return [plan.model, dataset, plan.settings.scheduler, plan.settings.search]
+    extra = list(getattr(plan.options, "tags", None) or [])  # e.g. `rayrec compare`'s group
+    return [plan.model, dataset, plan.settings.scheduler, plan.settings.search, *extra]
 
 
 # --- per-trial runs ---------------------------------------------------------------------
@@ -372,6 +373,39 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     return run_id
 
 
+def log_compare_summary(name: str, directory: str, requested: str | None, summary: dict[str, Any], table) -> str | None:
+    """`rayrec compare`: one `leaderboard` run in the W&B group `name` (the group the compared
+    sweeps' runs are tagged with), holding the leaderboard table and the leader's figures as its
+    summary; its files under `directory`. Never raises; returns the run id or None."""
+    try:
+        mode = wandb_mode(requested)
+        if mode == "off":
+            return None
+        import ray
+        from ray.air.util.node import _force_on_current_node
+
+        from rayrec.storage import plain
+
+        run_id = re.sub(r"[^A-Za-z0-9_-]", "-", name)[:52] + "-leaderboard"
+        init = {"project": project(), "group": name, "id": run_id, "name": "leaderboard", "job_type": "compare",
+                "mode": mode, "tags": ["compare", name], "resume": "allow", "dir": directory}
+        if os.environ.get("WANDB_ENTITY"):
+            init["entity"] = os.environ["WANDB_ENTITY"]
+        api_key = os.environ.get("WANDB_API_KEY") if mode == "online" else None
+        task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
+        ref = task.remote(init, plain(summary), plain(table.to_dict("list")), api_key, "leaderboard")
+        done, _ = ray.wait([ref], timeout=TIMEOUT_S)
+        if not done:
+            ray.cancel(ref, force=True)
+            log.warning("W&B: leaderboard run did not finish within %.0f s; abandoned", TIMEOUT_S)
+            return None
+        ray.get(ref)
+        return run_id
+    except Exception as exc:  # noqa: BLE001 - W&B must not fail the comparison
+        log.warning("W&B: leaderboard run not logged (%s)", error_line(exc))
+        return None
+
+
 def publish_wandb_files(plan: Any) -> None:
     """Copy the sweep's W&B folder next to its results when those live in object storage; never raises."""
     from rayrec.storage import join, publish_dir
@@ -385,8 +419,9 @@ def publish_wandb_files(plan: Any) -> None:
         log.warning("W&B: offline files not copied to %s (%s); they stay in %s", plan.experiment, error_line(exc), local)
 
 
-def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None) -> str:
-    """Ray task: one wandb run with summary values and a trials table; returns its local directory."""
+def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None,
+                 table_key: str = "trials") -> str:
+    """Ray task: one wandb run with summary values and a table (`table_key`); returns its local directory."""
     import pandas as pd
     import wandb
 
@@ -395,7 +430,7 @@ def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str,
     os.makedirs(init["dir"], exist_ok=True)
     run = wandb.init(**init)
     try:
-        run.log({"trials": wandb.Table(dataframe=pd.DataFrame(table))})
+        run.log({table_key: wandb.Table(dataframe=pd.DataFrame(table))})
         run.summary.update(summary)
     finally:
         run.finish()

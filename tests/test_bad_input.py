@@ -320,6 +320,16 @@ CASES = [
     Case("analysis", "final test of an interrupted sweep", ("final", "cut"),
          "error: sweep '{dir}/sweeps/cut' is unfinished (1 of 10 trials finished): its best is not the sweep's winner; "
          "finish it with `rayrec sweep --resume --name cut`, or pass --allow-partial to test its best so far"),
+    # --- rayrec compare (a rating model beside ranking models: tests/test_compare.py until one is registered) --
+    Case("compare", "unknown model", ("compare", "sasrec", "nosuchmodel"),
+         f"error: unknown model 'nosuchmodel'; valid: {ALL_MODELS}"),
+    Case("compare", "models that cannot share a split", ("compare", "sasrec", "lightgcn"),
+         "error: models that cannot share a split: 'sasrec' uses data.split=loo, 'lightgcn' data.split=ratio; "
+         "put them on one protocol, e.g. --set data.split=loo"),
+    Case("compare", "--from sweeps on different datasets",
+         ("compare", "sasrec", "gru4rec", "--from", "hand", "--from", "{dir}/other/gru"),
+         "error: --from sweeps on different datasets: 'sasrec' ran on synthetic (fingerprint abc123), 'gru4rec' on "
+         "ml-100k (fingerprint def456); compare sweeps of one dataset and split"),
 ]
 
 
@@ -345,6 +355,10 @@ def build_inputs(root: Path) -> Path:
         {"timestamp": "2026-01-01T00:00:00+00:00", "config_name": "best"}))
     for name in ("trials.parquet", "history.parquet", "summary.yaml"):
         (sweeps / "running" / name).unlink()
+    other = Path(write_sweep(root / "other", ten_trials(), name="gru"))  # a gru4rec sweep on another dataset
+    spec = yaml.safe_load((other / "sweep.yaml").read_text())
+    spec.update(model="gru4rec", dataset={"name": "ml-100k", "fingerprint": "def456"})
+    (other / "sweep.yaml").write_text(yaml.safe_dump(spec))
     return root
 
 

@@ -122,6 +122,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.stop_reason = ""
         self._train_users = self._fixed_train_users()
+        self.evaluations: dict[str, int] = {}  # full evaluations run, by split ('test' should stay at 1 per run)
 
     # --- set-up -------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -305,6 +306,7 @@ class Trainer:
     def evaluation(self, split: str = "valid", users: np.ndarray | None = None, per_user: bool = False) -> Ranking:
         """`evaluate` as a Ranking; with per_user, one row per user as well."""
         tc = self.cfg.train
+        self.evaluations[split] = self.evaluations.get(split, 0) + 1
         return evaluation(
             self.model, self.data, split, tc.ks, self.device, batch_size=tc.eval_batch_size,
             sampled_negatives=tc.sampled_negatives, seed=tc.seed, users=users, per_user=per_user,
@@ -423,6 +425,21 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def peak_memory_mb(device: torch.device | str) -> dict[str, float]:
+    """This process's peak memory so far, as a run measures it itself: peak resident set size
+    (`resource.getrusage`, Linux reports KiB) and, on CUDA, torch's peak allocated memory since
+    the last `torch.cuda.reset_peak_memory_stats()` (NaN on CPU)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # macOS reports bytes
+    gpu = float("nan")
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_rss_mb": float(rss_mb), "peak_gpu_mb": float(gpu)}
 
 
 def seed_epoch(seed: int, epoch: int) -> None:

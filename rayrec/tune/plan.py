@@ -35,6 +35,7 @@ class SweepOptions:
     sets: list[str] = field(default_factory=list)  # key=value overrides of the base config
     search: str | None = None
     scheduler: str | None = None
+    metric: str | None = None  # validation metric to optimise; default the space's `sweep: metric:` (`rayrec compare` sets one for all)
     num_samples: int | None = None
     max_epochs: int | None = None
     grace_period: int | None = None
@@ -53,6 +54,8 @@ class SweepOptions:
     resume: bool = False
     verbose: int = 1
     evaluate_test: bool = True
+    time_budget_s: float | None = None  # wall-clock budget of the whole sweep (Tune's time_budget_s); `rayrec compare --minutes`
+    tags: list[str] = field(default_factory=list)  # extra W&B tags for the trial runs (`rayrec compare` tags its sweeps)
     extra_space: dict[str, Any] = field(default_factory=dict)  # extra Tune entries (tests only)
 
 

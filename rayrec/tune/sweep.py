@@ -12,6 +12,7 @@ The steps live in their own modules, in the order a sweep takes them:
 from __future__ import annotations
 
 import logging
+import time
 
 from rayrec.errors import UserError
 from rayrec.experiment import SPEC_FILE, SUMMARY_FILE, TRIALS_FILE, export_status
@@ -57,8 +58,14 @@ def run_sweep(opts: SweepOptions, data=None, trial_function=None) -> SweepResult
     check_resources(opts.gpus_per_trial, opts.cpus_per_trial)
     if not opts.resume:
         write_yaml(join(plan.experiment, SPEC_FILE), spec_record(plan, data))
+    started = time.monotonic()
     results, stopped = fit_sweep(plan, data, reuse_actors=REUSE_ACTORS, trial_function=trial_function)
-    result = export_results(plan, results, data, stopped, planned_trials(plan))
+    planned = planned_trials(plan)
+    if opts.time_budget_s and time.monotonic() - started >= opts.time_budget_s:
+        # The time budget ended it: Tune stopped the trials still running (not an interrupt),
+        # and the trials it made are all there will be.
+        stopped, planned = {r.path for r in results}, len(results)
+    result = export_results(plan, results, data, stopped, planned)
     if not result.status.partial:
         log_sweep_summary(plan, result)  # W&B: best config and metrics as the sweep's summary run; never raises
     return result

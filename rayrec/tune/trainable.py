@@ -28,7 +28,7 @@ from ray import get_runtime_context, tune
 from rayrec.config import build_config
 from rayrec.data.types import SplitData
 from rayrec.experiment import REPORTS_FILE, STATE_FILE
-from rayrec.train.trainer import Trainer, read_state, save_state
+from rayrec.train.trainer import Trainer, peak_memory_mb, read_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
     device, gpu_ids = trial_device()
     cfg = resolve_trial_config(model, base or {}, config, trial_threads(cpus_per_trial), device)
     torch.set_num_threads(cfg.train.num_threads)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the trial's own peak, not an earlier trial's in this worker
     trainer = Trainer(cfg, data, device=device)
     reports, restored, replayed = restore_trial(trainer)  # reports: this lineage's, kept in its checkpoints
     if replayed and trainer.finished:
@@ -98,7 +100,9 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
     }
 
     def on_epoch(tr: Trainer, record: dict[str, Any]) -> None:
-        metrics = {**epoch_metrics(tr, record), **fixed, "reported_at": time.time()}
+        # Peak memory as the trial measures it (peak RSS is the worker process's: with reused
+        # workers it can carry an earlier, larger trial's peak).
+        metrics = {**epoch_metrics(tr, record), **fixed, **peak_memory_mb(device), "reported_at": time.time()}
         metrics.update(restored)  # the first report says where the trial started from
         restored.clear()
         last = bool(tr.stop_reason) or record["epoch"] >= cfg.train.epochs

@@ -256,7 +256,7 @@ def tune_config(plan: Plan, reuse_actors: bool = True):
     # machine, bench/sweep_overhead.py); the trainable frees its GPU memory at the end.
     return tune.TuneConfig(metric=metric, mode=s.mode, num_samples=num_samples, search_alg=searcher,
                            scheduler=scheduler, max_concurrent_trials=max_concurrent,
-                           reuse_actors=reuse_actors)
+                           reuse_actors=reuse_actors, time_budget_s=opts.time_budget_s or None)
 
 def _slots(opts: SweepOptions) -> int:
     import ray
