@@ -80,7 +80,8 @@ def test_compare_sasrec_gru4rec_pop_end_to_end(ray_session, tmp_path, monkeypatc
     (run_dir,) = glob.glob(str(root / "wandb" / "offline-run-*-cmp-leaderboard"))
     run = read_offline_run(run_dir)
     assert run["group"] == "cmp" and run["name"] == "leaderboard" and "compare" in run["tags"]
-    assert run["summary"]["leader"] == record["leader"] and "leaderboard" in run["summary"]
+    assert run["summary"]["leader"] == record["leader"]
+    assert run["summary"]["leaderboard/_type"] == "table-file"  # the table, as W&B stores it (nested key "a/b")
     sweep_spec = yaml.safe_load((root / "sweeps" / "sasrec" / "sweep.yaml").read_text())
     assert sweep_spec["options"]["tags"] == ["compare", "cmp"]
 
