@@ -96,6 +96,8 @@ def test_every_model_trains_through_rayrec_train_and_logs_coverage(tmp_path, mod
     assert summary["epochs_run"] == (1 if get_model_spec(model).model_cls.closed_form else 2)
     metric = build_config(model).train.metric  # ndcg@10 for sequential models, recall@20 for graph ones
     assert 0.0 <= summary["valid"][metric] <= 1.0 and 0.0 <= summary["test"][metric] <= 1.0
+    if metric == "recall@20":  # graph models: the summary lines show accuracy and coverage at 20
+        assert "test  (once):       recall@20" in result.output and "coverage@20" in result.output
     epochs = read_parquet(str(out / "metrics.parquet"))
     assert len(epochs) == summary["epochs_run"]
     for k in KS:  # catalogue coverage is in every epoch record, for every model
