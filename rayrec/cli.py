@@ -100,20 +100,30 @@ def resolve_cli_config(
     return build_config(model, *command_layers(config, data, data_format, sets, seed, epochs))
 
 
-def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr@10", "coverage@10"),
+SUMMARY_KEYS = ("ndcg@10", "hr@10", "mrr@10", "coverage@10")
+
+
+def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = SUMMARY_KEYS,
                    prefix: str = "") -> str:
     parts = [f"{k} {metrics[prefix + k]:.4f}" for k in keys if prefix + k in metrics]
     return "  ".join(parts)
 
 
-def echo_tests(sections: dict[str, dict[str, float]], label: str) -> None:
+def summary_keys(metric: str) -> tuple[str, ...]:
+    """The figures a run's summary lines show: the usual @10 ones, and for a selection metric
+    at another K (graph models: recall@20) that metric with NDCG and catalogue coverage at its K."""
+    k = metric.rpartition("@")[2]
+    return SUMMARY_KEYS if k == "10" else (metric, f"ndcg@{k}", f"coverage@{k}", *SUMMARY_KEYS[:2])
+
+
+def echo_tests(sections: dict[str, dict[str, float]], label: str, keys: tuple[str, ...] = SUMMARY_KEYS) -> None:
     """One line per test section: all users under `label`, then each test group the dataset declares
     (with the number of users evaluated, when there are groups)."""
     names = [n for n in sections if n == "test" or n.startswith("test_")]
     for name in names:
         metrics = sections[name]
         users = f"  ({int(metrics.get('n_users', 0))} users)" if len(names) > 1 else ""
-        echo(f"{label if name == 'test' else name + ':':<20}{format_metrics(metrics)}{users}")
+        echo(f"{label if name == 'test' else name + ':':<20}{format_metrics(metrics, keys)}{users}")
 
 
 FORMAT_HELP = "Reader for a --data path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn."
@@ -169,8 +179,8 @@ def train(
              f"kept the last epoch's weights (epoch {fit.best_epoch})")
     else:
         echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; best epoch {fit.best_epoch}")
-        echo(f"valid (best epoch): {format_metrics(fit.best_metrics, prefix='val_')}")
-    echo_tests(result.tests, "test  (once):       ")
+        echo(f"valid (best epoch): {format_metrics(fit.best_metrics, summary_keys(metric), prefix='val_')}")
+    echo_tests(result.tests, "test  (once):       ", summary_keys(metric))
     echo(f"run directory: {result.output}")
 
 

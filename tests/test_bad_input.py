@@ -164,6 +164,10 @@ CASES = [
     Case("data", "file not in the format given", ("train", "sasrec", "--data", "{dir}/garbled.txt", "--format", "pairs"),
          "error: cannot read {dir}/garbled.txt as format 'pairs': expected one 'user item' pair per line, "
          "whitespace-separated, in time order (SASRec format) (found 4 field(s) per row)"),
+    Case("data", "item-category file with a bad line", ("train", "dgrec", "--data", "{dir}/tiny.csv", "--format", "csv",
+                                                        "--set", "data.item_categories={dir}/garbled.txt"),
+         "error: cannot read {dir}/garbled.txt as item categories: expected 'item category' lines (space, tab or "
+         "comma separated), no header (a line with 4 fields: '\\x00\\x01 not a table')"),
     Case("data", "column not in the file", ("train", "sasrec", "--data", "{dir}/ratings.csv", "--format", "csv", *COLUMNS),
          "error: data.columns.user='user' is not in {dir}/ratings.csv; columns present: uid, iid, ts"),
     Case("data", "nothing left after k-core filtering", ("train", "sasrec", "--data", "{dir}/tiny.csv", "--format", "csv",

@@ -105,6 +105,10 @@ def test_per_user_rows_of_the_worked_example(tiny):
     for key in ("hr@1", "ndcg@5", "mrr@5", "precision@5"):
         assert ranking.per_user[key].mean() == pytest.approx(ranking.metrics[key])
     assert ranking.per_user["rank"].mean() == pytest.approx(ranking.metrics["avg_rank"])
+    # Coverage is a property of the whole evaluation (the union of top-K lists), not of a user:
+    # it is in the aggregate metrics only, never a per-user column whose mean would mislead.
+    assert ranking.metrics["coverage@1"] == pytest.approx(2 / 6)
+    assert not [key for key in ranking.per_user if key.startswith("coverage")]
     assert evaluation(model, data, "valid", ks=[1], device="cpu").per_user is None
     empty = evaluation(model, data, "valid", ks=[1], device="cpu", users=np.array([1]), per_user=True)
     assert len(empty.per_user["user"]) == len(empty.per_user["ndcg@1"]) == 0

@@ -30,6 +30,7 @@ TINY_MODEL = {
     "gcnii": ["model.hidden=16", "model.layers=2"],
     "layergcn": ["model.hidden=16", "model.layers=2"],
     "svdgcn": ["model.hidden=16", "model.rank=16"],
+    "dgrec": ["model.hidden=16", "model.layers=2", "model.neighbours=5"],
     "pop": [],
     "ease": [],
     "slim": ["model.max_iter=5"],
@@ -64,7 +65,7 @@ def test_every_registered_model_has_a_shipped_search_space_with_floors():
         if not get_model_spec(name).model_cls.closed_form:  # a closed form has one epoch: nothing to mutate
             assert space.mutate, name
     # Graph models: the LightGCN protocol's metric, a log lr range and an L2 range above 0.
-    for name in ("lightgcn", "bprmf", "gcnii", "layergcn", "svdgcn"):
+    for name in ("lightgcn", "bprmf", "gcnii", "layergcn", "svdgcn", "dgrec"):
         params = load_space(name).params
         assert load_space(name).sweep["metric"] == "recall@20"
         # SVD-GCN's one learned matrix takes a larger lr (its reference trains it with SGD at lr ~7).
@@ -95,6 +96,8 @@ def test_every_model_trains_through_rayrec_train_and_logs_coverage(tmp_path, mod
     assert summary["epochs_run"] == (1 if get_model_spec(model).model_cls.closed_form else 2)
     metric = build_config(model).train.metric  # ndcg@10 for sequential models, recall@20 for graph ones
     assert 0.0 <= summary["valid"][metric] <= 1.0 and 0.0 <= summary["test"][metric] <= 1.0
+    if metric == "recall@20":  # graph models: the summary lines show accuracy and coverage at 20
+        assert "test  (once):       recall@20" in result.output and "coverage@20" in result.output
     epochs = read_parquet(str(out / "metrics.parquet"))
     assert len(epochs) == summary["epochs_run"]
     for k in KS:  # catalogue coverage is in every epoch record, for every model
@@ -148,6 +151,7 @@ GUARD_MODELS = {
     "gcnii": ("ratio", "recall@20", {**GRAPH, "model.layers": 4}, 1.2),
     "layergcn": ("ratio", "recall@20", {**GRAPH, "model.layers": 2}, 1.2),
     "svdgcn": ("ratio", "recall@20", {**GRAPH, "model.rank": 32}, 1.2),
+    "dgrec": ("ratio", "recall@20", {**GRAPH, "model.layers": 2, "model.neighbours": 10}, 1.2),
     # Models of the user-item matrix read a history as a set: one on each protocol.
     "ease": ("loo", "ndcg@10", {"model.l2_reg": 50.0}, 1.2),
     "slim": ("ratio", "recall@20", {"model.l1_reg": 0.01, "model.l2_reg": 0.1, "model.max_iter": 2}, 1.2),

@@ -20,6 +20,7 @@ from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model, get_model_spec
 from rayrec.models.bprmf import BPRMF, BPRMFConfig
+from rayrec.models.dgrec import DGRec, DGRecConfig
 from rayrec.models.gcnii import GCNII, GCNIIConfig
 from rayrec.models.layergcn import LayerGCN, LayerGCNConfig
 from rayrec.models.lightgcn import LightGCN, LightGCNConfig, csr_tensor, normalized_adjacency, row_subset
@@ -27,7 +28,8 @@ from rayrec.models.svdgcn import SVDGCN, SVDGCNConfig
 
 GRAPH_MODELS = [(LightGCN, LightGCNConfig), (BPRMF, BPRMFConfig)]
 # Graph models whose final embeddings are computed from the weights at every step (issue 13).
-PROPAGATING_MODELS = [(LightGCN, LightGCNConfig), (GCNII, GCNIIConfig), (LayerGCN, LayerGCNConfig), (SVDGCN, SVDGCNConfig)]
+PROPAGATING_MODELS = [(LightGCN, LightGCNConfig), (GCNII, GCNIIConfig), (LayerGCN, LayerGCNConfig), (SVDGCN, SVDGCNConfig),
+                      (DGRec, DGRecConfig)]
 
 
 def split(train_rows, n_items, test_rows=None, valid_rows=None, name="tiny") -> SplitData:

@@ -1,4 +1,4 @@
-"""NCF (NeuMF) and the graph models that share LightGCN's data path: GCNII, LayerGCN, SVD-GCN.
+"""NCF (NeuMF) and the graph models that share LightGCN's data path: GCNII, LayerGCN, SVD-GCN, DGRec.
 
 Tiny hand-made data throughout (the `planted` two-cluster split of test_models_graph); the
 end-to-end runs (`rayrec train`, `rayrec sweep`, beating popularity) are in test_model_zoo.
@@ -17,14 +17,15 @@ from rayrec.config import build_config
 from rayrec.data.lightgcn_format import carve_validation
 from rayrec.data.types import CSR, SplitData
 from rayrec.errors import UserError
+from rayrec.models.dgrec import DGRec, DGRecConfig, class_balanced_weights, derived_categories, select_neighbours
 from rayrec.models.gcnii import GCNII, GCNIIConfig
 from rayrec.models.layergcn import LayerGCN, LayerGCNConfig, degree_sensitive_keep
-from rayrec.models.lightgcn import csr_tensor
+from rayrec.models.lightgcn import LightGCN, LightGCNConfig, csr_tensor
 from rayrec.models.ncf import NCFConfig, NeuMF
 from rayrec.models.svdgcn import SVDGCN, SVDGCNConfig, normalized_interactions, top_singular
 from test_models_graph import first_batch, planted, split, tensors
 
-NEW_GRAPH = [(GCNII, GCNIIConfig), (LayerGCN, LayerGCNConfig), (SVDGCN, SVDGCNConfig)]
+NEW_GRAPH = [(GCNII, GCNIIConfig), (LayerGCN, LayerGCNConfig), (SVDGCN, SVDGCNConfig), (DGRec, DGRecConfig)]
 ROWS = [[1, 2], [2, 3, 4], [4], [1, 3]]  # 4 users, 4 items
 
 
@@ -73,8 +74,8 @@ def test_rayrec_models_lists_the_new_models():
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0
     kinds = dict(line.split() for line in result.output.strip().splitlines())
-    assert {name: kinds.get(name) for name in ("ncf", "gcnii", "layergcn", "svdgcn")} == dict.fromkeys(
-        ("ncf", "gcnii", "layergcn", "svdgcn"), "graph")
+    names = ("ncf", "gcnii", "layergcn", "svdgcn", "dgrec")
+    assert {name: kinds.get(name) for name in names} == dict.fromkeys(names, "graph")
 
 
 # --- training and evaluation (the stale-embedding guard for these models is
@@ -105,7 +106,7 @@ def test_graph_models_give_different_metrics_on_the_same_data():
     train, valid = carve_validation(base.train, 0.3, seed=0)
     data = SplitData("planted", base.n_users, base.n_items, train, valid, base.test, False, "planted")
     figures = {}
-    for name in ("lightgcn", "bprmf", "gcnii", "layergcn", "svdgcn", "ncf"):
+    for name in ("lightgcn", "bprmf", "gcnii", "layergcn", "svdgcn", "ncf", "dgrec"):
         size = {"model.embedding_dim": 16} if name == "ncf" else {"model.hidden": 16}
         cfg = build_config(name, overrides={"train.epochs": 3, "train.batch_size": 32, "train.device": "cpu",
                                             "train.lr": 1e-2, **size})
@@ -251,6 +252,165 @@ def test_svdgcn_auxiliary_neighbours_share_an_item_or_a_user():
     assert full > plain
 
 
+# --- DGRec -----------------------------------------------------------------------------------
+
+def greedy_coverage(items, categories, degree, k):
+    """The textbook greedy for f(S) = sum_c n_c (1 - 2^-|S ∩ C_c|): k times, add the candidate
+    with the largest marginal gain f(S + j) - f(S) (ties: lower category, then higher degree, then lower id)."""
+    n = {c: sum(categories[i] == c for i in items) for c in set(categories[i] for i in items)}
+
+    def f(chosen):
+        return sum(n_c * (1 - 2.0 ** -sum(categories[i] == c for i in chosen)) for c, n_c in n.items())
+
+    chosen = []
+    for _ in range(min(k, len(items))):
+        rest = [i for i in items if i not in chosen]
+        best = max(rest, key=lambda i: (f(chosen + [i]) - f(chosen), -categories[i], degree[i], -i))
+        chosen.append(best)
+    return chosen
+
+
+def test_neighbour_selection_is_the_greedy_maximiser_of_category_coverage():
+    # Items 1..8; categories: 1-4 -> 0, 5-6 -> 1, 7 -> 2, 8 -> 3.
+    categories = np.array([-1, 0, 0, 0, 0, 1, 1, 2, 3])
+    rows = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3], [5, 8, 1, 2, 6], [4, 3, 2, 1, 7]]
+    # Item degrees: 1: 4, 2: 4, 3: 3, 4: 2, 5: 2, 6: 2, 7: 2, 8: 1.
+    selected = select_neighbours(CSR.from_lists(rows), categories, k=3)
+    # User 0: n = (4, 2, 1). Gains: cat 0 -> 2, cat 1 -> 1, cat 0 again -> 1 (tie: lower category first):
+    # picks item 1 (cat 0, degree 4 ties item 2: lower id), then the tie at gain 1 goes to category 0
+    # (item 2), then category 1 (item 5: degree 2 ties item 6, lower id).
+    assert selected.row(0).tolist() == [1, 2, 5]
+    assert selected.row(1).tolist() == [1, 2, 3]  # at most k items: all kept
+    assert selected.row(2).tolist() == [1, 5, 2]  # n = (2, 2, 0, 1): cat 0 (gain 1), cat 1 (1), then 0.5 ties -> cat 0
+    degree = np.bincount(np.concatenate(rows), minlength=9)
+    for u, row in enumerate(rows):
+        assert selected.row(u).tolist() == greedy_coverage(row, categories, degree, 3), u
+    # A bigger random case against the textbook greedy.
+    rng = np.random.default_rng(0)
+    categories = np.r_[-1, rng.integers(0, 5, 40)]
+    rows = [sorted(rng.choice(np.arange(1, 41), size=rng.integers(1, 25), replace=False).tolist()) for _ in range(30)]
+    degree = np.bincount(np.concatenate(rows), minlength=41)
+    selected = select_neighbours(CSR.from_lists(rows), categories, k=6)
+    for u, row in enumerate(rows):
+        assert selected.row(u).tolist() == greedy_coverage(row, categories, degree, 6), u
+
+
+def test_class_balanced_weights_favour_small_categories():
+    categories = np.array([-1, 0, 0, 0, 1])  # category 0: 3 items, category 1: 1 item
+    w = class_balanced_weights(categories, beta=0.5)
+    w0, w1 = 0.5 / (1 - 0.5**3), 0.5 / (1 - 0.5)  # (1 - b) / (1 - b^N)
+    scale = 2 / (w0 + w1)  # the two category weights sum to 2
+    np.testing.assert_allclose(w, [0, w0 * scale, w0 * scale, w0 * scale, w1 * scale], rtol=1e-6)
+    assert w[4] > w[1]
+    np.testing.assert_allclose(class_balanced_weights(categories, beta=0.0)[1:], 1.0)  # beta 0: no reweighting
+
+
+def test_dgrec_reads_the_datas_categories_or_derives_them_deterministically():
+    data = planted()
+    derived = derived_categories(data.train, data.n_items, 2)
+    assert derived[0] == -1 and np.array_equal(derived, derived_categories(data.train, data.n_items, 2))
+    # The two planted item clusters (1..10, 11..20) are recovered as the two categories.
+    assert len(set(derived[1:11])) == 1 and len(set(derived[11:])) == 1 and derived[1] != derived[11]
+    model = DGRec(DGRecConfig(hidden=4, n_categories=2), data)
+    assert model.category_source == "derived" and model.item_categories.tolist() == derived.tolist()
+    given = np.r_[-1, np.arange(20) % 3]
+    with_categories = SplitData(**{**data.__dict__, "item_categories": given})
+    model = DGRec(DGRecConfig(hidden=4), with_categories)
+    assert model.category_source == "data" and model.item_categories.tolist() == given.tolist()
+    assert DGRec(DGRecConfig(hidden=4, categories="derived", n_categories=2), with_categories).category_source == "derived"
+
+
+def test_dgrec_propagates_over_the_selected_graph_with_layer_attention():
+    data = split(ROWS, n_items=4, )
+    data.item_categories = np.array([-1, 0, 0, 1, 1])
+    torch.manual_seed(0)
+    model = DGRec(DGRecConfig(hidden=5, layers=2, neighbours=2), data).double()
+    with torch.no_grad():
+        model.att_w.normal_()
+        model.att_a.normal_()
+    _, a = dense_normalized(ROWS, 4)
+    # User 1 (items 2, 3, 4; categories 0, 1, 1) hears 2 of them: category 1 first (n = 2), then 0.
+    # Item 4 has degree 2, item 3 degree 2: the lower id (3) wins; then item 2.
+    keep = torch.ones_like(a, dtype=torch.bool)
+    keep[1, 4 + 4 - 1] = False  # user row 1 drops item 4
+    a_sel = a * keep
+    ego = torch.cat(model.ego_embeddings()).detach()
+    layers = [ego, a_sel @ ego, a_sel @ (a_sel @ ego)]
+    stack = torch.stack(layers)
+    att = torch.softmax(stack @ model.att_w.detach() @ model.att_a.detach(), dim=0)
+    expected = (att[..., None] * stack).sum(0)
+    torch.testing.assert_close(torch.cat(model.final_embeddings()).detach(), expected)
+    # Gradients flow through the asymmetric graph (backward = A_sel^T): compare with autograd on dense.
+    ego_leaf = ego.clone().requires_grad_(True)
+    s = torch.stack([ego_leaf, a_sel @ ego_leaf, a_sel @ (a_sel @ ego_leaf)])
+    dense_final = (torch.softmax(s @ model.att_w.detach() @ model.att_a.detach(), 0)[..., None] * s).sum(0)
+    dense_final.pow(2).sum().backward()
+    torch.cat(model.final_embeddings()).pow(2).sum().backward()
+    torch.testing.assert_close(model.ego.grad[model.node_rank], ego_leaf.grad)
+
+
+def test_dgrec_starts_as_lightgcn_and_its_layer_attention_learns():
+    data = planted()
+    torch.manual_seed(0)
+    dgrec = DGRec(DGRecConfig(hidden=8, layers=2, neighbours=100), data)  # every neighbour kept
+    lightgcn = LightGCN(LightGCNConfig(hidden=8, layers=2), data)
+    with torch.no_grad():
+        lightgcn.ego.copy_(dgrec.ego)
+        torch.testing.assert_close(torch.cat(dgrec.final_embeddings()), torch.cat(lightgcn.final_embeddings()))
+    start = dgrec.extra_metrics()
+    assert start == pytest.approx({f"layer_attention_{i}": 1 / 3 for i in range(3)})
+    train_steps(dgrec, data, 50)
+    assert dgrec.extra_metrics() != pytest.approx(start, abs=1e-3)  # the attention module moved
+
+
+def test_dgrec_loss_weighs_each_positive_by_its_category():
+    data = planted()
+    data.item_categories = np.r_[-1, np.zeros(15, dtype=np.int64), np.ones(5, dtype=np.int64)]
+    torch.manual_seed(0)
+    model = DGRec(DGRecConfig(hidden=8, reg=0.0, negatives=2, beta_class=0.9), data)
+    batch = first_batch(model, data)
+    w = torch.from_numpy(class_balanced_weights(data.item_categories, 0.9))
+    with torch.no_grad():
+        users, items = model.final_embeddings()
+        u, p, n = users[batch["users"]], items[batch["pos"] - 1], items[batch["neg"] - 1]
+        terms = F.softplus(torch.einsum("bc,bkc->bk", u, n) - (u * p).sum(-1)[:, None])
+        torch.testing.assert_close(model.loss(batch), (w[batch["pos"]][:, None] * terms).mean())
+    assert w[20] > w[1]  # the 5-item category weighs more than the 15-item one
+
+
+def test_dgrec_config_validation():
+    assert build_config("dgrec").model.neighbours == 20 and build_config("dgrec").train.metric == "recall@20"
+    for key, value in (("model.neighbours", 0), ("model.beta_class", 1.0), ("model.categories", "genre"),
+                       ("model.n_categories", 0), ("model.layers", 0)):
+        with pytest.raises(UserError, match=key):
+            build_config("dgrec", overrides={key: value})
+
+
+def test_item_categories_reach_the_split_from_the_synthetic_data_and_from_a_file(tmp_path):
+    from rayrec.config import DataConfig
+    from rayrec.data import load_split
+
+    synthetic = load_split(DataConfig(cache_dir=str(tmp_path), synthetic_users=60, synthetic_items=40))
+    assert synthetic.item_categories is not None and synthetic.item_categories.shape == (synthetic.n_items + 1,)
+    assert synthetic.item_categories[0] == -1 and (synthetic.item_categories[1:] >= 0).all()
+    cached = load_split(DataConfig(cache_dir=str(tmp_path), synthetic_users=60, synthetic_items=40))
+    assert np.array_equal(cached.item_categories, synthetic.item_categories)  # through the cache
+    table = tmp_path / "pairs.csv"
+    table.write_text("user,item\n" + "".join(f"{u},{i}\n" for u in range(20) for i in (10, 20, 30, 40, 50)))
+    (tmp_path / "cats.txt").write_text("10 rock\n20,jazz\n30\trock\n40 pop\n")  # item 50 not listed
+    cfg = DataConfig(name=str(table), format="csv", cache_dir=str(tmp_path), split="ratio",
+                     columns={"user": "user", "item": "item"}, item_categories=str(tmp_path / "cats.txt"))
+    split_ = load_split(cfg)
+    # Raw items 10..50 become ids 1..5; categories by sorted name: jazz 0, pop 1, rock 2, unknown 3.
+    assert split_.item_categories.tolist() == [-1, 2, 0, 2, 1, 3]
+    plain = load_split(DataConfig(name=str(table), format="csv", cache_dir=str(tmp_path), split="ratio",
+                                  columns={"user": "user", "item": "item"}))
+    assert plain.item_categories is None and plain.fingerprint != split_.fingerprint
+    (tmp_path / "bad.txt").write_text("10 rock extra\n")
+    with pytest.raises(UserError, match="expected 'item category' lines"):
+        load_split(DataConfig(**{**cfg.__dict__, "item_categories": str(tmp_path / "bad.txt")}))
+
+
 # --- NCF ----------------------------------------------------------------------------------
 
 def test_ncf_scores_every_item_in_one_batched_pass_equal_to_its_pair_logits():
@@ -305,7 +465,7 @@ def test_ncf_config_validation_and_defaults():
 
 # --- resume -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ncf", "gcnii", "layergcn", "svdgcn"])
+@pytest.mark.parametrize("name", ["ncf", "gcnii", "layergcn", "svdgcn", "dgrec"])
 def test_save_at_an_epoch_boundary_and_resume_gives_the_straight_runs_metrics(tmp_path, name):
     """The trainer's parity rule holds for these models too: LayerGCN's dropped graph is drawn
     from the epoch's seeded generator, SVD-GCN's SVD is rebuilt deterministically."""

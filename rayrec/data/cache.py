@@ -89,6 +89,7 @@ def write_cached_split(cache: Path, split: SplitData) -> Path:
             "fingerprint": split.fingerprint,
             "info": split.info,
             "test_groups": {name: users.tolist() for name, users in split.test_groups.items()},
+            "item_categories": None if split.item_categories is None else split.item_categories.tolist(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
         try:
@@ -131,5 +132,6 @@ def read_cached_split(cache: Path, fp: str) -> SplitData | None:
         fingerprint=meta["fingerprint"],
         info=meta["info"],
         test_groups={name: np.asarray(users, dtype=np.int64) for name, users in meta.get("test_groups", {}).items()},
+        item_categories=None if meta.get("item_categories") is None else np.asarray(meta["item_categories"], np.int64),
         **parts,
     )

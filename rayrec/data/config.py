@@ -18,6 +18,10 @@ class DataConfig:
     name: str = "synthetic"  # named dataset (synthetic, ml-100k, ml-1m, ml-1m-gsasrec, gowalla, ...) or a path/URL
     format: str | None = None  # reader for a path: grouplens, ml-1m, inter, pairs, sequences, csv, parquet, gsasrec, lightgcn
     columns: dict[str, str] = field(default_factory=dict)  # csv/parquet: {user: col, item: col, timestamp: col, rating: col}
+    # A file of `item category` lines (space, tab or comma separated; item ids as in the
+    # interaction file), for models that read item categories (DGRec); items it omits share
+    # one 'unknown' category. The synthetic data carry their own categories.
+    item_categories: str | None = None
     min_rating: float | None = None  # implicit feedback: keep ratings >= this
     user_core: int = 5  # iterative k-core: every user keeps >= this many interactions
     item_core: int = 5  # ... and every item

@@ -27,7 +27,7 @@ from rayrec.data.config import DataConfig
 from rayrec.data.downloads import DOWNLOADS, grouplens_source
 from rayrec.data.gsasrec import GSASREC_FILES, gsasrec_source
 from rayrec.data.preprocess import preprocess
-from rayrec.data.sources import Source, file_source, lightgcn_source, shared_data_dir, shared_path, synthetic_source
+from rayrec.data.sources import Source, file_source, lightgcn_source, sha256_bytes, shared_data_dir, shared_path, synthetic_source
 from rayrec.data.splits import split_interactions
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError, did_you_mean
@@ -134,7 +134,8 @@ def build_split(source: Source, cfg: DataConfig) -> SplitData:
             "counts": data.counts,
             "split": split_info,
         }
-        split = SplitData(source.name, data.n_users, data.n_items, train, valid, test, ordered, "", info)
+        split = SplitData(source.name, data.n_users, data.n_items, train, valid, test, ordered, "", info,
+                          item_categories=data.item_categories)
     split.info.update(
         n_users=split.n_users,
         n_items=split.n_items,
@@ -142,6 +143,29 @@ def build_split(source: Source, cfg: DataConfig) -> SplitData:
         ordered=split.ordered,
     )
     return split
+
+
+def with_item_categories(source: Source, path: str) -> Source:
+    """`source` whose frame gains a `category` column from the file of `item category` lines at
+    `path` (raw item ids, as in the interaction file); items the file omits get 'unknown'. The
+    file's hash joins the source's identity, so the split's fingerprint follows its content."""
+    if source.read is None:
+        raise UserError(
+            f"data.item_categories applies to interaction files, but dataset '{source.name}' comes already "
+            "split; unset data.item_categories (DGRec then derives categories from the training graph)"
+        )
+    data = readers.read_bytes(path)
+    categories = readers.parse_item_categories(data, path)
+    inner = source.read
+
+    def read():
+        frame, ordered = inner()
+        by_item = dict(zip(categories["item"].astype(str), categories["category"]))
+        frame = frame.assign(category=frame["item"].astype(str).map(by_item).fillna("unknown"))
+        return frame, ordered
+
+    identity = {**source.identity, "item_categories": sha256_bytes(data)}
+    return dataclasses.replace(source, read=read, identity=identity)
 
 
 def load_split(cfg: DataConfig) -> SplitData:
@@ -153,6 +177,8 @@ def load_split(cfg: DataConfig) -> SplitData:
     cfg.validate()
     cache = cache_root(cfg)
     source = resolve_source(cfg)
+    if cfg.item_categories:
+        source = with_item_categories(source, cfg.item_categories)
     if source.read_split is not None and cfg.split != source.split:
         raise UserError(
             f"dataset '{source.name}' comes already split ({source.split}); data.split must be {source.split}, "

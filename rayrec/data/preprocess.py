@@ -29,6 +29,7 @@ class Interactions:
     n_users: int
     n_items: int
     counts: dict[str, int] = field(default_factory=dict)  # rows left after each step
+    item_categories: np.ndarray | None = None  # int64 [n_items + 1] category codes (entry 0: -1), when given
 
 
 def chronological(frame: pd.DataFrame) -> pd.DataFrame:
@@ -59,7 +60,8 @@ def k_core(user: np.ndarray, item: np.ndarray, user_core: int, item_core: int) -
 
 
 def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, item_core: int) -> Interactions:
-    """Clean `frame` (columns user, item [, timestamp, rating]) into dense, time-ordered Interactions."""
+    """Clean `frame` (columns user, item [, timestamp, rating, category]) into dense, time-ordered
+    Interactions; a `category` column (one per item) becomes `item_categories`."""
     counts = {"read": len(frame)}
     frame = chronological(frame)
     if min_rating is not None:
@@ -89,6 +91,11 @@ def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, it
     user, user_ids = pd.factorize(frame["user"], sort=True)
     item, item_ids = pd.factorize(frame["item"], sort=True)
     timestamp = frame["timestamp"].to_numpy(np.float64) if "timestamp" in frame.columns else None
+    item_categories = None
+    if "category" in frame.columns:
+        codes, _ = pd.factorize(frame["category"], sort=True)
+        item_categories = np.full(len(item_ids) + 1, -1, dtype=np.int64)
+        item_categories[item + 1] = codes
     return Interactions(
         user=user.astype(np.int64),
         item=item.astype(np.int64) + 1,
@@ -96,4 +103,5 @@ def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, it
         n_users=len(user_ids),
         n_items=len(item_ids),
         counts=counts,
+        item_categories=item_categories,
     )

@@ -244,6 +244,20 @@ def is_ordered(frame: pd.DataFrame, fmt: str) -> bool:
     return "timestamp" in frame.columns or fmt in ORDER_CARRYING_FORMATS
 
 
+ITEM_CATEGORIES_LAYOUT = "'item category' lines (space, tab or comma separated), no header"
+
+
+def parse_item_categories(data: bytes, path: str) -> pd.DataFrame:
+    """An item-category file (data.item_categories): columns item and category, both strings."""
+    text = data.decode("utf-8", errors="replace")
+    rows = [line.replace(",", " ").split() for line in text.splitlines() if line.strip()]
+    bad = next((row for row in rows if len(row) != 2), None)
+    if bad is not None or not rows:
+        detail = f"a line with {len(bad)} fields: {' '.join(bad)!r}" if bad is not None else "no lines"
+        raise UserError(f"cannot read {path} as item categories: expected {ITEM_CATEGORIES_LAYOUT} ({detail})")
+    return pd.DataFrame(rows, columns=["item", "category"], dtype=str)
+
+
 def parse_interactions(data: bytes, fmt: str, path: str, columns: dict[str, str] | None = None) -> pd.DataFrame:
     """Parse a file's bytes with the `fmt` parser: columns user, item [, timestamp, rating] in file order."""
     parser = PARSERS.get(fmt)

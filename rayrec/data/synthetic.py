@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-VERSION = 1  # bump when the generator's output changes, so cached splits are rebuilt
+VERSION = 2  # bump when the generator's output changes, so cached splits are rebuilt
 FOLLOW = 0.75  # chance the next item is one of the previous item's successors
 SUCCESSOR_WEIGHTS = np.array([0.55, 0.25, 0.2])  # first successors are likelier; the last leads to the next cluster
 ITEMS_PER_CLUSTER = 20
@@ -31,7 +31,8 @@ RETRIES = 4  # redraws when the drawn item is already in the user's history (de-
 
 
 def generate_interactions(n_users: int, n_items: int, mean_length: int, seed: int) -> dict[str, np.ndarray]:
-    """Columns user (0..n_users-1), item (1..n_items), timestamp, in per-user time order.
+    """Columns user (0..n_users-1), item (1..n_items), timestamp and category (the item's
+    cluster, 0..n_clusters-1: the item categories DGRec reads), in per-user time order.
 
     Vectorised over users: one step of every user's sequence at a time.
     """
@@ -88,4 +89,4 @@ def generate_interactions(n_users: int, n_items: int, mean_length: int, seed: in
     start = rng.uniform(0, 365 * day, size=n_users)
     gaps = rng.exponential(day, size=(n_users, max_length)).cumsum(axis=1)
     timestamps = (start[:, None] + gaps)[keep].round()
-    return {"user": users, "item": items, "timestamp": timestamps}
+    return {"user": users, "item": items, "timestamp": timestamps, "category": cluster[items - 1]}

@@ -81,6 +81,9 @@ class SplitData:
     # Named subsets of the test users whose test metrics are reported beside all users' (as
     # 'test_<name>'), e.g. gsasrec's {'complete': users whose test input is complete}: name -> user ids.
     test_groups: dict[str, np.ndarray] = field(default_factory=dict)
+    # Item categories where the data has them (the synthetic generator's clusters, or the file
+    # `data.item_categories` names): int64 [n_items + 1], codes 0..C-1, entry 0 (padding) -1.
+    item_categories: np.ndarray | None = None
 
     def history(self, split: Literal["valid", "test"]) -> CSR:
         """What a model may see when predicting `split`: train for valid, train + valid for test."""

@@ -18,6 +18,7 @@ MODELS: dict[str, str] = {
     "gcnii": "rayrec.models.gcnii",
     "layergcn": "rayrec.models.layergcn",
     "svdgcn": "rayrec.models.svdgcn",
+    "dgrec": "rayrec.models.dgrec",
     "ease": "rayrec.models.ease",
     "slim": "rayrec.models.slim",
     "als": "rayrec.models.als",
