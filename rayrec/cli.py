@@ -100,7 +100,8 @@ def resolve_cli_config(
     return build_config(model, *command_layers(config, data, data_format, sets, seed, epochs))
 
 
-def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr@10", "coverage@10"),
+def format_metrics(metrics: dict[str, float],
+                   keys: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr@10", "coverage@10", "rmse", "mae"),
                    prefix: str = "") -> str:
     parts = [f"{k} {metrics[prefix + k]:.4f}" for k in keys if prefix + k in metrics]
     return "  ".join(parts)
@@ -155,7 +156,7 @@ def train(
 
     def on_epoch(trainer, record):
         best = " *" if trainer.has_validation and record.get("best_epoch") == record["epoch"] else ""
-        val = format_metrics(record, (metric, "hr@10"), "val_") if trainer.has_validation else "none"
+        val = format_metrics(record, (metric, "hr@10", "mae"), "val_") if trainer.has_validation else "none"
         echo(
             f"epoch {record['epoch']:>3}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
             f"lr {record['lr']:.2e}  val {val}  {record['epoch_seconds']:.1f}s{best}"
@@ -246,12 +247,12 @@ def sweep(
 
 @app.command()
 def models() -> None:
-    """List the registered models and their kind."""
+    """List the registered models and their kind ('rating' for rating-prediction models)."""
     from rayrec.models import MODELS, get_model_spec
 
     for name in MODELS:
         spec = get_model_spec(name)
-        echo(f"{name:10s} {spec.kind}")
+        echo(f"{name:10s} {'rating' if spec.model_cls.task == 'rating' else spec.kind}")
 
 
 SWEEP_ARG_HELP = "Sweep: its directory or URL, or its name under --storage."

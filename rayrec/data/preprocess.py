@@ -29,6 +29,7 @@ class Interactions:
     n_users: int
     n_items: int
     counts: dict[str, int] = field(default_factory=dict)  # rows left after each step
+    rating: np.ndarray | None = None  # float32 explicit ratings, or None when the source has none
 
 
 def chronological(frame: pd.DataFrame) -> pd.DataFrame:
@@ -89,6 +90,7 @@ def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, it
     user, user_ids = pd.factorize(frame["user"], sort=True)
     item, item_ids = pd.factorize(frame["item"], sort=True)
     timestamp = frame["timestamp"].to_numpy(np.float64) if "timestamp" in frame.columns else None
+    rating = frame["rating"].to_numpy(np.float32) if "rating" in frame.columns else None
     return Interactions(
         user=user.astype(np.int64),
         item=item.astype(np.int64) + 1,
@@ -96,4 +98,5 @@ def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, it
         n_users=len(user_ids),
         n_items=len(item_ids),
         counts=counts,
+        rating=rating,
     )

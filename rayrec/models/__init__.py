@@ -21,6 +21,8 @@ MODELS: dict[str, str] = {
     "ease": "rayrec.models.ease",
     "slim": "rayrec.models.slim",
     "als": "rayrec.models.als",
+    "mean": "rayrec.models.mean",
+    "svdpp": "rayrec.models.svdpp",
 }
 
 
