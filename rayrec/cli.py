@@ -100,7 +100,7 @@ def resolve_cli_config(
     return build_config(model, *command_layers(config, data, data_format, sets, seed, epochs))
 
 
-SUMMARY_KEYS = ("ndcg@10", "hr@10", "mrr@10", "coverage@10")
+SUMMARY_KEYS = ("ndcg@10", "hr@10", "mrr@10", "coverage@10", "rmse", "mae")
 
 
 def format_metrics(metrics: dict[str, float], keys: tuple[str, ...] = SUMMARY_KEYS,
@@ -113,7 +113,7 @@ def summary_keys(metric: str) -> tuple[str, ...]:
     """The figures a run's summary lines show: the usual @10 ones, and for a selection metric
     at another K (graph models: recall@20) that metric with NDCG and catalogue coverage at its K."""
     k = metric.rpartition("@")[2]
-    return SUMMARY_KEYS if k == "10" else (metric, f"ndcg@{k}", f"coverage@{k}", *SUMMARY_KEYS[:2])
+    return SUMMARY_KEYS if k == "10" or "@" not in metric else (metric, f"ndcg@{k}", f"coverage@{k}", *SUMMARY_KEYS[:2])
 
 
 def echo_tests(sections: dict[str, dict[str, float]], label: str, keys: tuple[str, ...] = SUMMARY_KEYS) -> None:
@@ -165,7 +165,7 @@ def train(
 
     def on_epoch(trainer, record):
         best = " *" if trainer.has_validation and record.get("best_epoch") == record["epoch"] else ""
-        val = format_metrics(record, (metric, "hr@10"), "val_") if trainer.has_validation else "none"
+        val = format_metrics(record, (metric, "hr@10", "mae"), "val_") if trainer.has_validation else "none"
         echo(
             f"epoch {record['epoch']:>3}/{cfg.train.epochs}  loss {record['train_loss']:.4f}  "
             f"lr {record['lr']:.2e}  val {val}  {record['epoch_seconds']:.1f}s{best}"
@@ -256,12 +256,12 @@ def sweep(
 
 @app.command()
 def models() -> None:
-    """List the registered models and their kind."""
+    """List the registered models and their kind ('rating' for rating-prediction models)."""
     from rayrec.models import MODELS, get_model_spec
 
     for name in MODELS:
         spec = get_model_spec(name)
-        echo(f"{name:10s} {spec.kind}")
+        echo(f"{name:10s} {'rating' if spec.model_cls.task == 'rating' else spec.kind}")
 
 
 SWEEP_ARG_HELP = "Sweep: its directory or URL, or its name under --storage."

@@ -26,7 +26,7 @@ from rayrec.data.config import DataConfig  # lives in the data package, which ne
 from rayrec.errors import UserError, did_you_mean
 from rayrec.experiment import COMPLETE
 
-__all__ = ["DEFAULT_METRIC", "Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
+__all__ = ["DEFAULT_METRIC", "RATING_METRICS", "Config", "DataConfig", "TrainConfig", "build_config", "config_from_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ PROVENANCE = "sweep"
 
 # The validation metric runs select on and sweeps optimise unless told otherwise (the one place it is written).
 DEFAULT_METRIC = "ndcg@10"
+# Rating prediction's error metrics (models whose task is 'rating'): lower is better.
+RATING_METRICS = ("rmse", "mae")
+RANKING_METRICS = ("ndcg", "hr", "recall", "mrr", "precision", "coverage")  # each followed by @K
+
+
+def metric_mode(metric: str) -> str:
+    """'min' for an error (rmse, mae: lower is better), 'max' for a ranking metric: the one rule
+    early stopping, best-epoch selection and sweeps (ASHA, summary, best.yaml) follow."""
+    return "min" if metric in RATING_METRICS else "max"
 
 
 @dataclass
@@ -96,11 +105,11 @@ class TrainConfig:
         if not self.ks or any(k < 1 for k in self.ks):
             raise UserError(f"train.ks must be a non-empty list of positive integers, got {self.ks}")
         name, _, k = self.metric.partition("@")
-        valid = ("ndcg", "hr", "recall", "mrr", "precision", "coverage")
-        if name not in valid or not k.isdigit() or int(k) not in self.ks:
+        valid = RANKING_METRICS
+        if self.metric not in RATING_METRICS and (name not in valid or not k.isdigit() or int(k) not in self.ks):
             raise UserError(
                 f"train.metric '{self.metric}' is not computed; valid: one of {', '.join(valid)} "
-                f"followed by @K with K in train.ks={self.ks}, e.g. ndcg@10"
+                f"followed by @K with K in train.ks={self.ks}, e.g. ndcg@10; or rmse, mae for rating models"
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"train.device '{self.device}' is not valid; valid: auto, cpu, cuda, cuda:N")
@@ -294,7 +303,19 @@ def build_config(
     for section in (model_cfg, data_cfg, train_cfg):
         if hasattr(section, "validate"):
             section.validate()
+    check_task_metric(spec, train_cfg.metric)
     return Config(model_name=spec.name, model=model_cfg, data=data_cfg, train=train_cfg)
+
+
+def check_task_metric(spec, metric: str) -> None:
+    """A rating model selects on an error (rmse, mae), a ranking model on a ranking metric."""
+    rating = spec.model_cls.task == "rating"
+    if rating and metric not in RATING_METRICS:
+        raise UserError(f"model '{spec.name}' predicts ratings: train.metric must be one of "
+                        f"{', '.join(RATING_METRICS)}, got '{metric}'")
+    if not rating and metric in RATING_METRICS:
+        raise UserError(f"train.metric '{metric}' is a rating metric, but model '{spec.name}' ranks items; valid: "
+                        f"one of {', '.join(RANKING_METRICS)} followed by @K, e.g. ndcg@10")
 
 
 def config_from_dict(resolved: dict[str, Any]) -> Config:

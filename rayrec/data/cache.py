@@ -4,7 +4,7 @@ Cache layout, under data.cache_dir, else $RAYREC_CACHE, else ~/.cache/rayrec:
 
     downloads/ml-100k.zip                    verified archives (rayrec.data.downloads)
     splits/<fingerprint>/meta.json           SplitData fields and info
-    splits/<fingerprint>/{train,valid,test}.parquet   (user, item) rows in CSR order
+    splits/<fingerprint>/{train,valid,test}.parquet   (user, item[, rating]) rows in CSR order
 """
 
 from __future__ import annotations
@@ -46,8 +46,14 @@ def fingerprint(source: Source, cfg: DataConfig) -> str:
         split: dict[str, Any] = {"kind": cfg.split}
         if cfg.split in ("ratio", "temporal"):
             split.update(valid_ratio=cfg.valid_ratio, test_ratio=cfg.test_ratio)
-        if cfg.split in ("ratio", "loo"):  # loo draws the held-out items at random on unordered data
+        if cfg.split in ("ratio", "loo", "random"):  # loo draws the held-out items at random on unordered data
             split["seed"] = cfg.seed
+        if cfg.split == "random":
+            split.update(valid_ratio=cfg.valid_ratio, folds=cfg.folds)
+            if cfg.folds > 1:
+                split["fold"] = cfg.fold
+            else:
+                split["test_ratio"] = cfg.test_ratio
         parts["split"] = split
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -80,13 +86,17 @@ def write_cached_split(cache: Path, split: SplitData) -> Path:
     try:
         for part in PARTS:
             csr: CSR = getattr(split, part)
-            pd.DataFrame({"user": csr.rows(), "item": csr.items}).to_parquet(tmp / f"{part}.parquet", index=False)
+            columns = {"user": csr.rows(), "item": csr.items}
+            if csr.ratings is not None:
+                columns["rating"] = csr.ratings
+            pd.DataFrame(columns).to_parquet(tmp / f"{part}.parquet", index=False)
         meta = {
             "name": split.name,
             "n_users": split.n_users,
             "n_items": split.n_items,
             "ordered": split.ordered,
             "fingerprint": split.fingerprint,
+            "ratings": split.train.ratings is not None,
             "info": split.info,
             "test_groups": {name: users.tolist() for name, users in split.test_groups.items()},
             "item_categories": None if split.item_categories is None else split.item_categories.tolist(),
@@ -116,10 +126,15 @@ def read_cached_split(cache: Path, fp: str) -> SplitData | None:
         return None
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        if "ratings" not in meta:
+            # Written before splits carried ratings: rebuilt once, so a rated source keeps them.
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
         parts = {}
         for part in PARTS:
             frame = pd.read_parquet(folder / f"{part}.parquet")
-            parts[part] = CSR.from_pairs(frame["user"].to_numpy(), frame["item"].to_numpy(), meta["n_users"])
+            ratings = frame["rating"].to_numpy() if "rating" in frame.columns else None
+            parts[part] = CSR.from_pairs(frame["user"].to_numpy(), frame["item"].to_numpy(), meta["n_users"], ratings)
     except (OSError, ValueError, KeyError) as exc:
         log.warning("ignoring damaged split cache %s (%s); rebuilding it", folder, exc)
         shutil.rmtree(folder, ignore_errors=True)

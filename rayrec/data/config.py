@@ -25,9 +25,12 @@ class DataConfig:
     min_rating: float | None = None  # implicit feedback: keep ratings >= this
     user_core: int = 5  # iterative k-core: every user keeps >= this many interactions
     item_core: int = 5  # ... and every item
-    split: Literal["loo", "ratio", "temporal"] = "loo"  # leave-one-out | per-user random ratio | global temporal
-    valid_ratio: float = 0.1  # ratio/temporal splits: share of each user's (or all) interactions for validation
-    test_ratio: float = 0.2  # ratio/temporal splits: share for test
+    # leave-one-out | per-user random ratio | global temporal | random over all interactions (rating prediction)
+    split: Literal["loo", "ratio", "temporal", "random"] = "loo"
+    valid_ratio: float = 0.1  # ratio/temporal/random splits: share of each user's (or all) interactions for validation
+    test_ratio: float = 0.2  # ratio/temporal/random splits: share for test (random with folds > 1: one fold instead)
+    folds: int = 1  # random split: k > 1 cuts one seeded shuffle into k folds, and fold `fold` is test (k-fold CV)
+    fold: int = 0  # random split with folds > 1: which fold (0 .. folds - 1) is the test set
     seed: int = 0  # split and synthetic-data seed (separate from the training seed)
     cache_dir: str | None = None  # default: $RAYREC_CACHE or ~/.cache/rayrec
     # The built-in synthetic dataset (offline, deterministic, planted sequential structure).
@@ -48,6 +51,10 @@ class DataConfig:
             )
         if self.seed < 0:
             raise UserError(f"data.seed must be >= 0, got {self.seed}")
+        if self.folds < 1 or (self.folds > 1 and self.split != "random"):
+            raise UserError(f"data.folds={self.folds} is not valid; valid: 1, or k >= 2 with data.split=random")
+        if not 0 <= self.fold < max(self.folds, 1):
+            raise UserError(f"data.fold={self.fold} is not valid; valid: 0 .. {self.folds - 1} (data.folds={self.folds})")
         for key in ("synthetic_users", "synthetic_items", "synthetic_length"):
             if getattr(self, key) < 2:
                 raise UserError(f"data.{key} must be >= 2, got {getattr(self, key)}")

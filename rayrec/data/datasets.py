@@ -124,7 +124,7 @@ def build_split(source: Source, cfg: DataConfig) -> SplitData:
         frame, ordered = source.read()
         data = preprocess(frame, cfg.min_rating, cfg.user_core, cfg.item_core)
         train, valid, test, split_info = split_interactions(
-            data, cfg.split, ordered, cfg.seed, cfg.valid_ratio, cfg.test_ratio
+            data, cfg.split, ordered, cfg.seed, cfg.valid_ratio, cfg.test_ratio, cfg.folds, cfg.fold
         )
         info = {
             "source": source.location,

@@ -30,6 +30,7 @@ class Interactions:
     n_items: int
     counts: dict[str, int] = field(default_factory=dict)  # rows left after each step
     item_categories: np.ndarray | None = None  # int64 [n_items + 1] category codes (entry 0: -1), when given
+    rating: np.ndarray | None = None  # float32 explicit ratings, or None when the source has none
 
 
 def chronological(frame: pd.DataFrame) -> pd.DataFrame:
@@ -96,6 +97,7 @@ def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, it
         codes, _ = pd.factorize(frame["category"], sort=True)
         item_categories = np.full(len(item_ids) + 1, -1, dtype=np.int64)
         item_categories[item + 1] = codes
+    rating = frame["rating"].to_numpy(np.float32) if "rating" in frame.columns else None
     return Interactions(
         user=user.astype(np.int64),
         item=item.astype(np.int64) + 1,
@@ -104,4 +106,5 @@ def preprocess(frame: pd.DataFrame, min_rating: float | None, user_core: int, it
         n_items=len(item_ids),
         counts=counts,
         item_categories=item_categories,
+        rating=rating,
     )

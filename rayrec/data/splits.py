@@ -10,6 +10,10 @@ keep the interactions' time order.
     ratio     user A:  a1 a3 a4 a6 | a2 | a5      random items held out per user (seeded)
     temporal  all:     t < T_valid | T_valid <= t < T_test | t >= T_test
                        T_valid, T_test: timestamp quantiles 1 - valid - test and 1 - test
+    random    all:     one seeded shuffle of every interaction (rating prediction's protocol)
+                       folds = 1: the first test_ratio of it is test, the next valid_ratio validation
+                       folds = k: k equal folds, fold `fold` is test; validation is valid_ratio of
+                       all interactions, taken from the other folds; the rest is train
 """
 
 from __future__ import annotations
@@ -141,23 +145,63 @@ def temporal_split(
     return part, info
 
 
+def random_split(
+    data: Interactions, ordered: bool, seed: int, valid_ratio: float, test_ratio: float, folds: int = 1,
+    fold: int = 0, **_
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Interactions held out at random over the whole dataset, not per user (rating prediction's
+    k-fold protocol: the same seed and folds give the same k disjoint test folds, one per `fold`).
+
+    One seeded permutation of all rows; test is `test_ratio` of it (folds = 1) or its fold
+    `fold` of `folds` near-equal folds (np.array_split sizes); validation is the next
+    round(n * valid_ratio) rows of the permutation outside the test fold.
+    """
+    n = len(data.user)
+    order = np.random.default_rng(seed).permutation(n)
+    if folds > 1:
+        in_test = np.zeros(n, dtype=bool)
+        in_test[np.array_split(np.arange(n), folds)[fold]] = True  # positions in the permutation
+    else:
+        in_test = np.arange(n) < int(np.floor(n * test_ratio + 0.5))
+    rest = np.flatnonzero(~in_test)
+    n_valid = min(int(np.floor(n * valid_ratio + 0.5)), max(len(rest) - 1, 0))
+    part = np.full(n, TRAIN, dtype=np.int8)
+    part[order[in_test]] = TEST
+    part[order[rest[:n_valid]]] = VALID
+    if (part == TRAIN).sum() == 0:
+        raise UserError("data.split=random left no training interactions; lower data.valid_ratio/test_ratio")
+    info = {
+        "folds": folds,
+        "fold": fold if folds > 1 else None,
+        "users_without_valid": int(data.n_users - len(np.unique(data.user[part == VALID]))),
+        "users_without_test": int(data.n_users - len(np.unique(data.user[part == TEST]))),
+    }
+    return part, info
+
+
 SPLITTERS: dict[str, Callable[..., tuple[np.ndarray, dict[str, Any]]]] = {
     "loo": leave_one_out_split,
     "ratio": ratio_split,
     "temporal": temporal_split,
+    "random": random_split,
 }
 
 
 def split_interactions(
-    data: Interactions, kind: str, ordered: bool, seed: int, valid_ratio: float, test_ratio: float
+    data: Interactions, kind: str, ordered: bool, seed: int, valid_ratio: float, test_ratio: float,
+    folds: int = 1, fold: int = 0,
 ) -> tuple[CSR, CSR, CSR, dict[str, Any]]:
-    """Train, valid and test CSRs (rows in time order) and the split's counts for `info`."""
+    """Train, valid and test CSRs (rows in time order, ratings carried when the data has them)
+    and the split's counts for `info`."""
     splitter = SPLITTERS.get(kind)
     if splitter is None:
         raise UserError(f"unknown data.split '{kind}'; valid: {', '.join(SPLITTERS)}")
-    part, info = splitter(data, ordered=ordered, seed=seed, valid_ratio=valid_ratio, test_ratio=test_ratio)
+    part, info = splitter(data, ordered=ordered, seed=seed, valid_ratio=valid_ratio, test_ratio=test_ratio,
+                          folds=folds, fold=fold)
     train, valid, test = (
-        CSR.from_pairs(data.user[part == p], data.item[part == p], data.n_users) for p in (TRAIN, VALID, TEST)
+        CSR.from_pairs(data.user[part == p], data.item[part == p], data.n_users,
+                       None if data.rating is None else data.rating[part == p])
+        for p in (TRAIN, VALID, TEST)
     )
     # Users left without training items are kept (they have targets), counted here and
     # warned about by load_split.

@@ -28,11 +28,14 @@ ITEMS_PER_CLUSTER = 20
 ZIPF_EXPONENT = 1.0  # popularity of the item of rank r is proportional to 1 / r**ZIPF_EXPONENT
 MIN_LENGTH = 5  # the default 5-core keeps every synthetic user
 RETRIES = 4  # redraws when the drawn item is already in the user's history (de-duplication would drop it)
+RATING_SCALE = 0.5  # std of the user and item biases, of each latent factor, and of the noise
+RATING_FACTORS = 3
 
 
 def generate_interactions(n_users: int, n_items: int, mean_length: int, seed: int) -> dict[str, np.ndarray]:
-    """Columns user (0..n_users-1), item (1..n_items), timestamp and category (the item's
-    cluster, 0..n_clusters-1: the item categories DGRec reads), in per-user time order.
+    """Columns user (0..n_users-1), item (1..n_items), timestamp, category (the item's
+    cluster, 0..n_clusters-1: the item categories DGRec reads) and rating (1..5), in per-user
+    time order.
 
     Vectorised over users: one step of every user's sequence at a time.
     """
@@ -89,4 +92,17 @@ def generate_interactions(n_users: int, n_items: int, mean_length: int, seed: in
     start = rng.uniform(0, 365 * day, size=n_users)
     gaps = rng.exponential(day, size=(n_users, max_length)).cumsum(axis=1)
     timestamps = (start[:, None] + gaps)[keep].round()
-    return {"user": users, "item": items, "timestamp": timestamps, "category": cluster[items - 1]}
+    return {"user": users, "item": items, "timestamp": timestamps, "category": cluster[items - 1],
+            "rating": planted_ratings(users, items, n_items, seed)}
+
+
+def planted_ratings(users: np.ndarray, items: np.ndarray, n_items: int, seed: int) -> np.ndarray:
+    """A 1..5 rating per (user, item) row from biases, latent factors and noise (module docstring)."""
+    rng = np.random.default_rng([seed, 1])  # separate from the sequence generator's stream
+    n_users = int(users.max()) + 1 if len(users) else 0
+    user_bias = rng.normal(0, RATING_SCALE, n_users)
+    item_bias = rng.normal(0, RATING_SCALE, n_items + 1)
+    p = rng.normal(0, RATING_SCALE, (n_users, RATING_FACTORS))
+    q = rng.normal(0, RATING_SCALE, (n_items + 1, RATING_FACTORS))
+    raw = 3.5 + user_bias[users] + item_bias[items] + (p[users] * q[items]).sum(1) + rng.normal(0, RATING_SCALE, len(users))
+    return np.clip(np.round(raw), 1, 5).astype(np.float64)

@@ -19,6 +19,9 @@ class CSR:
 
     indptr: np.ndarray  # int64 [n_users + 1]
     items: np.ndarray  # int64 [nnz]
+    # float32 [nnz]: the explicit rating of each stored item, aligned with `items`; None when
+    # the source has no ratings (implicit feedback). Rating models need it (SplitData.has_ratings).
+    ratings: np.ndarray | None = None
 
     @classmethod
     def from_lists(cls, rows: list) -> "CSR":
@@ -29,14 +32,16 @@ class CSR:
         return cls(indptr, items.astype(np.int64, copy=False))
 
     @classmethod
-    def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_users: int) -> "CSR":
-        """Rows from (user, item) pairs; a stable sort keeps each user's pairs in their given order."""
+    def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_users: int,
+                   ratings: np.ndarray | None = None) -> "CSR":
+        """Rows from (user, item[, rating]) triples; a stable sort keeps each user's pairs in their given order."""
         users = np.asarray(users, dtype=np.int64)
         order = np.argsort(users, kind="stable")
         counts = np.bincount(users, minlength=n_users)
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        return cls(indptr, np.asarray(items, dtype=np.int64)[order])
+        values = None if ratings is None else np.asarray(ratings, dtype=np.float32)[order]
+        return cls(indptr, np.asarray(items, dtype=np.int64)[order], values)
 
     @property
     def n_rows(self) -> int:
@@ -52,6 +57,10 @@ class CSR:
     def row(self, u: int) -> np.ndarray:
         return self.items[self.indptr[u] : self.indptr[u + 1]]
 
+    def row_ratings(self, u: int) -> np.ndarray:
+        """The ratings of row u's items (ratings must be present)."""
+        return self.ratings[self.indptr[u] : self.indptr[u + 1]]
+
     def rows(self) -> np.ndarray:
         """The user of every stored item (the COO row index)."""
         return np.repeat(np.arange(self.n_rows, dtype=np.int64), self.lengths())
@@ -61,8 +70,12 @@ class CSR:
         assert self.n_rows == other.n_rows
         users = np.concatenate([self.rows(), other.rows()])
         items = np.concatenate([self.items, other.items])
+        ratings = None
+        if self.ratings is not None or other.ratings is not None:  # an empty part may carry none
+            parts = [c.ratings if c.ratings is not None else np.full(c.nnz, np.nan, np.float32) for c in (self, other)]
+            ratings = np.concatenate(parts)
         # Stable sort on user keeps self's items before other's within a row.
-        return CSR.from_pairs(users, items, self.n_rows)
+        return CSR.from_pairs(users, items, self.n_rows, ratings)
 
 
 @dataclass
@@ -103,6 +116,12 @@ class SplitData:
     def eval_users(self, split: Literal["valid", "test"]) -> np.ndarray:
         """Users that have at least one target in `split`."""
         return np.flatnonzero(self.targets(split).lengths() > 0)
+
+    @property
+    def has_ratings(self) -> bool:
+        """Explicit ratings on every interaction (rating models need them); an empty part may carry none."""
+        parts = (self.train, self.valid, self.test)
+        return self.train.ratings is not None and all(p.ratings is not None or p.nnz == 0 for p in parts)
 
     def item_counts(self) -> np.ndarray:
         """Training interactions per item id, index 0 (padding) included: [n_items + 1]."""

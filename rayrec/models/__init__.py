@@ -22,6 +22,8 @@ MODELS: dict[str, str] = {
     "ease": "rayrec.models.ease",
     "slim": "rayrec.models.slim",
     "als": "rayrec.models.als",
+    "mean": "rayrec.models.mean",
+    "svdpp": "rayrec.models.svdpp",
 }
 
 
@@ -44,7 +46,8 @@ def check_model_data(name: str, data) -> None:
     a model's own `check_data`, e.g. EASE's memory check)."""
     spec = get_model_spec(name)
     if spec.kind == "sequential" and not data.ordered:
-        order_free = ", ".join(m for m in MODELS if m != "pop" and get_model_spec(m).kind != "sequential")
+        order_free = ", ".join(m for m in MODELS if m != "pop" and get_model_spec(m).kind != "sequential"
+                               and get_model_spec(m).model_cls.task == "ranking")
         raise UserError(
             f"model '{name}' is sequential and needs interactions in time order, but dataset "
             f"'{data.name}' has no timestamps or order; use an order-free model ({order_free}) or pop, "

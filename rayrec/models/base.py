@@ -31,6 +31,9 @@ class RecModel(nn.Module):
     """
 
     kind: ClassVar[str] = "sequential"
+    # 'ranking': `score` ranks the catalogue (full-ranking metrics); 'rating': `score` is the
+    # predicted rating of every item, evaluated by RMSE and MAE on held-out ratings.
+    task: ClassVar[str] = "ranking"
     # True: the model fits itself, one `fit_epoch` per epoch, and the trainer makes no
     # optimiser (popularity, EASE, SLIM, ALS); False: optimiser steps over train_batches/loss.
     fits_itself: ClassVar[bool] = False
@@ -57,6 +60,11 @@ class RecModel(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar training loss for one batch."""
         raise NotImplementedError
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """The model's own optimiser (SVD++: plain SGD), or None for the trainer's AdamW. The
+        trainer still sets its lr before every step (schedule, PBT)."""
+        return None
 
     def fit_epoch(self, data: SplitData, epoch: int, rng: np.random.Generator) -> float:
         """One epoch of a model that fits itself (`fits_itself`): the closed-form solve, or one

@@ -7,6 +7,10 @@ targets of a user are relevant (one for leave-one-out, many for ratio/graph spli
 
 Work is batched over users and vectorised inside a batch; scores stay on the model's
 device and are synchronised with the host once, at the end.
+
+A rating model (task 'rating') is evaluated instead on its predicted ratings of the held-out
+(user, item) pairs: RMSE and MAE over every held-out rating (`rate_users`), with the same
+history (train for validation, train + validation for test) as its input.
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ class Ranking:
     per_user: dict[str, np.ndarray] | None = None
 
 
-def padded_rows(csr: CSR, users: np.ndarray) -> np.ndarray:
-    """The rows of `users`, right-padded with 0: int64 [len(users), max(1, longest row)]."""
+def padded_rows(csr: CSR, users: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """The rows of `users`, right-padded with 0: int64 [len(users), max(1, longest row)]; with
+    `values` (aligned with csr.items, e.g. csr.ratings), those values instead, in their dtype."""
     users = np.asarray(users, dtype=np.int64)
     starts = csr.indptr[users]
     lengths = csr.indptr[users + 1] - starts
     width = max(1, int(lengths.max())) if len(users) else 1
-    out = np.zeros((len(users), width), dtype=np.int64)
+    source = csr.items if values is None else values
+    out = np.zeros((len(users), width), dtype=source.dtype)
     col = np.arange(width)[None, :]
     inside = col < lengths[:, None]
-    out[inside] = csr.items[(starts[:, None] + col)[inside]]
+    out[inside] = source[(starts[:, None] + col)[inside]]
     return out
 
 
@@ -109,6 +115,8 @@ def evaluation(
     """`evaluate` as a Ranking: with per_user, one row per evaluated user as well."""
     if users is None:
         users = data.eval_users(split)
+    if model.task == "rating":
+        return rate_users(model, data.history(split), data.targets(split), users, device, batch_size, per_user)
     return rank_users(
         model,
         data.history(split),
@@ -250,6 +258,58 @@ def rank_users(
         table["rank" if key == "avg_rank" else key] = torch.cat(parts).cpu().numpy()
     if not n_users:
         table.update({key: np.zeros(0, dtype=np.float32) for key in _per_user_keys(ks, n_sampled)})
+    return Ranking(result, table)
+
+
+def rate_users(
+    model,
+    history: CSR,
+    targets: CSR,
+    users: np.ndarray,
+    device: torch.device | str,
+    batch_size: int = 512,
+    per_user: bool = False,
+) -> Ranking:
+    """RMSE and MAE of a rating model's predictions of the users' held-out ratings (`targets`
+    with ratings), given `history`. Returns {'rmse', 'mae', 'n_ratings', 'n_users'}; NaN
+    errors when nobody is evaluated. per_user columns: 'user', 'n_targets', and the user's
+    summed squared 'se' and absolute 'ae' errors, so sum(se) / sum(n_targets) = rmse^2.
+    """
+    device = torch.device(device)
+    users = np.asarray(users, dtype=np.int64)
+    users = users[targets.lengths()[users] > 0]
+    sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in ("se", "ae", "n")}
+    rows: dict[str, list[torch.Tensor]] = {"se": [], "ae": []}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(users), batch_size):
+                batch_users = users[start : start + batch_size]
+                inputs = batch_to_device(model.eval_inputs(history, batch_users), device)
+                predicted = model.score(inputs).float()  # [B, n_cols]: every item's predicted rating
+                items = torch.from_numpy(padded_rows(targets, batch_users)).to(device)  # [B, T], 0 = padding
+                truth = torch.from_numpy(padded_rows(targets, batch_users, targets.ratings)).to(device)  # [B, T]
+                errors = M.rating_errors(predicted.gather(1, items), truth, items != 0)
+                for key in sums:
+                    sums[key] += errors[key].sum()
+                if per_user:
+                    for key in rows:
+                        rows[key].append(errors[key])
+    finally:
+        model.train(was_training)
+    n = float(sums["n"])
+    result = {
+        "rmse": float(torch.sqrt(sums["se"] / n)) if n else float("nan"),
+        "mae": float(sums["ae"] / n) if n else float("nan"),
+        "n_ratings": int(n),
+        "n_users": len(users),
+    }
+    if not per_user:
+        return Ranking(result)
+    table = {"user": users, "n_targets": targets.lengths()[users].astype(np.int64)}
+    for key, parts in rows.items():
+        table[key] = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float64)
     return Ranking(result, table)
 
 

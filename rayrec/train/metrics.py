@@ -21,6 +21,13 @@ Sampled metrics (the SASRec paper's protocol) rank one target among N sampled un
 items; their keys always carry the prefix `sampled_` so they are never mixed with the
 full-ranking figures, which are far lower (anchors.md).
 
+Rating prediction (models whose task is 'rating'), over the N held-out ratings r of the
+evaluated users and the model's predictions p of them:
+
+    rmse = sqrt(sum (p - r)^2 / N)        mae = sum |p - r| / N
+
+errors over ratings, not means of per-user errors, as the published figures are.
+
 Every function returns per-user tensors; the evaluator sums them over batches and
 divides once, so a user counts the same whatever batch it falls in.
 """
@@ -162,3 +169,13 @@ def sampled_metrics(
         out[f"sampled_mrr@{k}"] = inside / rank
     return out
 
+
+
+def rating_errors(predicted: torch.Tensor, truth: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-user sums for RMSE and MAE: squared error 'se', absolute error 'ae' and 'n' ratings.
+
+    predicted, truth: float [B, T]; real: bool [B, T], False for padding. The evaluator sums
+    each over users and finishes rmse = sqrt(se / n), mae = ae / n.
+    """
+    error = (predicted.double() - truth.double()) * real  # padding contributes 0
+    return {"se": (error * error).sum(1), "ae": error.abs().sum(1), "n": real.sum(1).double()}

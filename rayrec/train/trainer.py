@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rayrec.config import Config
+from rayrec.config import Config, metric_mode
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model
@@ -64,17 +64,26 @@ def lr_factor(progress: float, epochs: int, warmup_epochs: float, schedule: str,
 
 @dataclass
 class EarlyStopping:
-    """Stop when `metric` has not improved by more than `min_delta` for `patience` epochs."""
+    """Stop when `metric` has not improved by more than `min_delta` for `patience` epochs.
+
+    mode 'max' (ranking metrics) or 'min' (errors: rmse, mae; config.metric_mode).
+    """
 
     patience: int
     min_delta: float
+    mode: str = "max"
     best: float = -math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
 
+    def __post_init__(self):
+        if self.mode == "min":
+            self.best = math.inf
+
     def update(self, value: float, epoch: int) -> bool:
         """Record an epoch's value; True when it is a new best."""
-        if value > self.best + self.min_delta:
+        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
         self.bad_epochs += 1
@@ -115,7 +124,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch = 0  # epochs completed
-        self.stopper = EarlyStopping(tc.patience, tc.min_delta)
+        self.stopper = EarlyStopping(tc.patience, tc.min_delta, metric_mode(tc.metric))
         # Without validation users every validation metric is NaN: nothing to select or stop on.
         self.has_validation = len(data.eval_users("valid")) > 0
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -126,6 +135,9 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        own = self.model.make_optimizer(self.cfg.train.lr)
+        if own is not None:
+            return own
         # Decay matrices and embeddings, not biases or LayerNorm gains (standard AdamW practice).
         decay, no_decay = [], []
         for p in self.model.parameters():
@@ -290,7 +302,7 @@ class Trainer:
         val = self.evaluate("valid")
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss, "lr": lr}
         record.update({f"val_{k}": v for k, v in val.items()})
-        if len(self._train_users):
+        if len(self._train_users) and self.model.task == "ranking":  # the gap is a ranking figure
             on_train = evaluate_on_train(self.model, self.data, self._train_users, tc.ks, self.device, tc.eval_batch_size)
             record.update({f"train_{k}": v for k, v in on_train.items() if k != "n_users"})
         record.update(self.model.extra_metrics())

@@ -41,6 +41,8 @@ def diagnose(results: SweepResults, thresholds: DiagnosticThresholds | None = No
         gap = float("nan")
         if at_best is not None and train_col in at_best and not is_missing(at_best[train_col]):
             gap = float(at_best[train_col]) - float(at_best[metric_col])
+            if results.mode == "min":  # an error (rmse): over-fitting shows as validation above train
+                gap = -gap
         coverage = float(at_best["val_coverage@10"]) if at_best is not None and "val_coverage@10" in at_best and not is_missing(at_best["val_coverage@10"]) else float(t.get("last_val_coverage@10", float("nan")))
         loss_moved = float("nan")
         if frame is not None and "train_loss" in frame and len(frame) >= 2:

@@ -175,6 +175,7 @@ def write_summary(plan: Plan, data, trials, best: dict[str, Any], status: Export
         "fingerprint": data.fingerprint,
         "search": plan.settings.search,
         "scheduler": plan.settings.scheduler,
+        "mode": plan.settings.mode,  # min: the best trial has the lowest metric (rmse, mae)
         "trials": len(trials),
         "status_counts": trials["status"].value_counts().to_dict() if len(trials) else {},
         "best": plain(best),

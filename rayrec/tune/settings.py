@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from rayrec.config import DEFAULT_METRIC
+from rayrec.config import DEFAULT_METRIC, metric_mode
 from rayrec.errors import UserError, did_you_mean
 from rayrec.tune.space import SCHEDULERS, SEARCHES, SearchSpace
 
@@ -21,7 +21,7 @@ class SweepSettings:
     """The search and scheduling settings of one sweep (the keys of a space's `sweep:` section)."""
 
     metric: str = DEFAULT_METRIC  # validation metric to optimise, without 'val_' (never a test metric)
-    mode: str = "max"  # max | min: whether a larger metric is better
+    mode: str = "max"  # max | min: whether a larger metric is better (default: min for rmse/mae, else max)
     num_samples: int = 8  # trials to run (a grid search covers its grid once instead)
     max_epochs: int = 10  # epochs per trial, and ASHA's max_t
     grace_period: int = 2  # ASHA: epochs before a trial can be pruned (at most max_epochs)
@@ -45,7 +45,10 @@ class SweepSettings:
         unknown = set(explicit) - set(cls.fields())
         if unknown:
             raise UserError(f"unknown sweep setting '{sorted(unknown)[0]}'; {did_you_mean(sorted(unknown)[0], cls.fields())}")
-        settings = cls(**{**space.sweep_defaults(stage), **explicit})
+        given = {**space.sweep_defaults(stage), **explicit}
+        settings = cls(**given)
+        if "mode" not in given:
+            settings.mode = metric_mode(settings.metric)
         if "grace_period" not in explicit and isinstance(settings.max_epochs, int):
             settings.grace_period = min(settings.grace_period, settings.max_epochs)
         if settings.scheduler == "pbt" and settings.search == "hyperopt":
@@ -68,6 +71,9 @@ class SweepSettings:
             raise UserError(f"--scheduler '{self.scheduler}' is not valid; {did_you_mean(self.scheduler, SCHEDULERS)}")
         if self.mode not in ("max", "min"):
             raise UserError(f"sweep mode '{self.mode}' is not valid; valid: max, min")
+        if self.mode != metric_mode(self.metric):
+            raise UserError(f"sweep mode '{self.mode}' does not suit metric {self.metric}; valid: mode "
+                            f"{metric_mode(self.metric)} (lower is better for rmse and mae, higher for ranking metrics)")
         if self.scheduler == "pbt" and self.search == "hyperopt":
             raise UserError("--scheduler pbt cannot be combined with --search hyperopt; use --search random or grid")
         if self.scheduler == "pbt" and space is not None and not space.mutate:

@@ -302,14 +302,20 @@ def _check_mutations_keep_shapes(space: SearchSpace) -> None:
     changes any parameter's shape (hidden size, layers, max_len) would break loading."""
     if not space.mutate:
         return
+    import numpy as np
+
     from rayrec.config import build_config
     from rayrec.data.types import CSR, SplitData
     from rayrec.models import build_model
 
+    def rated(rows):  # ratings too, so rating models (svdpp) build on it
+        csr = CSR.from_lists(rows)
+        return CSR(csr.indptr, csr.items, np.full(csr.nnz, 3.0, dtype=np.float32))
+
     tiny = SplitData(
         name="shape-probe", n_users=3, n_items=6,
-        train=CSR.from_lists([[1, 2, 3], [2, 3, 4], [4, 5, 6]]),
-        valid=CSR.from_lists([[4], [5], [1]]), test=CSR.from_lists([[5], [6], [2]]),
+        train=rated([[1, 2, 3], [2, 3, 4], [4, 5, 6]]),
+        valid=rated([[4], [5], [1]]), test=rated([[5], [6], [2]]),
         ordered=True, fingerprint="probe",
     )
     lows, highs = _probes(space.params)
