@@ -4,8 +4,12 @@ campaign's invariant checker (bench/chaos.py) passes on a small campaign with a 
 from __future__ import annotations
 
 import json
+import sys
 
 import pyarrow.fs
+import pytest
+
+from conftest import REPO, TINY
 
 
 def _write_checkpoint(trial_dir, index: int, epoch: int, reports: str | None) -> None:
@@ -38,3 +42,23 @@ def test_a_checkpoint_with_missing_or_truncated_reports_is_skipped_for_the_older
     assert state["epoch"] == 2 and [r["epoch"] for r in reports] == [1, 2]
     assert trainable.complete_checkpoint({"epoch": 2}, lineage)
     assert not trainable.complete_checkpoint({"epoch": 3}, []) and not trainable.complete_checkpoint({"epoch": 3}, lineage)
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_driver_was_killed_passes_the_chaos_invariants(ray_session, tmp_path):
+    """bench/chaos.py in small: 3 trials, the driver SIGKILLed once after the first checkpoint,
+    `rayrec sweep --resume`, then the campaign's invariant checker (best.yaml retrained too)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from chaos import Campaign, format_report, run_campaign
+
+    report = run_campaign(Campaign(
+        seed=3, trials=3, epochs=4, kills=1, node_losses=0, trial_kills=0, outages=(), storage=str(tmp_path / "sweeps"),
+        address=ray_session.get_runtime_context().gcs_address, sets=list(TINY), workdir=str(tmp_path),
+        early_kill_p=0.0, kill_window_s=(0.0, 0.5), final_timeout_s=300))
+    text = format_report(report)
+    assert report["faults"]["driver_kill"] == 1, text
+    assert [r["exit"] for r in report["driver_runs"]] == [-9, 0], text
+    assert report["ok"], text
+    assert {r["invariant"] for r in report["invariants"]} >= {"trials lost or unfinished", "epochs trained twice",
+                                                               "partial checkpoints loaded"}
+    assert report["figures"]["trials"] == 3 and report["figures"]["epochs_reported"] == 12, text
