@@ -312,8 +312,14 @@ def _start_cluster(workers: int, env: dict[str, str]):
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     patient_node_startup()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "_system_config": SYSTEM_CONFIG})
+    for attempt in range(3):  # on a loaded machine the head's raylet can die while it starts: again
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                    "_system_config": SYSTEM_CONFIG})
+            break
+        except Exception:  # noqa: BLE001 - "The current node timed out during startup"
+            if attempt == 2:
+                raise
     for _ in range(workers):
         cluster.add_node(num_cpus=1)
     import ray
@@ -324,7 +330,7 @@ def _start_cluster(workers: int, env: dict[str, str]):
     return cluster
 
 
-def patient_node_startup(seconds: float = 300.0) -> None:
+def patient_node_startup(seconds: float = 120.0) -> None:
     """Give a starting node minutes, not 30 s, to register with the GCS.
 
     ray._private.node.Node waits 30 s (a constant) for its raylet to appear in the GCS and
