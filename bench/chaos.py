@@ -348,7 +348,7 @@ def patient_node_startup(seconds: float = 120.0) -> None:
         while True:
             try:
                 return original(*args, **kwargs)
-            except RuntimeError:
+            except Exception:  # noqa: BLE001 - RuntimeError (not registered yet), RaySystemError (GCS busy)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
