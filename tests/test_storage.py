@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,41 +25,10 @@ from rayrec.cli import app
 from rayrec.errors import UserError
 from rayrec.storage import check_writable, display, split_url, storage_environment
 from rayrec.tune.storage_handoff import pyarrow_filesystem
+from s3server import FOREIGN_S3_ENV, S3Server, free_port, s3_environment
 
 BUCKET = "rayrec-test"
 SECRET = "rayrec-test-secret-6b1f0c2a9e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 on a fixed loopback port that can be stopped and started again (an outage)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        deadline = time.time() + 10
-        while True:
-            try:
-                self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-                self._server.start()
-                return
-            except OSError:  # the port may linger for a moment after a stop
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self._server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +39,9 @@ def s3():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
     server = S3Server()
     server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "rayrec-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": server.endpoint, "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
+    env = s3_environment(server.endpoint, SECRET)
     with pytest.MonkeyPatch.context() as mp:
-        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        for key in FOREIGN_S3_ENV:
             mp.delenv(key, raising=False)
         for key, value in env.items():
             mp.setenv(key, value)

@@ -237,10 +237,15 @@ def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str,
     for index, path in newer:
         if index <= current:
             break
-        try:  # a directory the kill interrupted mid-upload does not load: try the next older one
-            return read_checkpoint(fs, path, device)
-        except Exception:
-            continue
+        try:
+            state, reports = read_checkpoint(fs, path, device)
+        except Exception:  # noqa: BLE001 - unreadable: a kill interrupted its upload
+            state, reports = None, []
+        if state is not None and complete_checkpoint(state, reports):
+            return state, reports
+        # Ray uploads a checkpoint's files one by one, in no set order; a kill in between
+        # leaves trainer.pt without reports.json (or a truncated file): take the next older one.
+        log.warning("skipping incomplete checkpoint %s (interrupted upload)", path)
     return None
 
 
@@ -248,6 +253,17 @@ def is_own_checkpoint(checkpoint) -> bool:
     """Whether a Tune checkpoint lies in the running trial's own directory (not a PBT donor's)."""
     where = _trial_storage()
     return where is not None and posixpath.dirname(checkpoint.path.rstrip("/")) == where[1]
+
+
+def complete_checkpoint(state: dict[str, Any], reports: list[dict[str, Any]]) -> bool:
+    """Whether a checkpoint's files belong together: every checkpoint holds its lineage's
+    reports, the last of which is the epoch of its state. A checkpoint without them would
+    resume the trial with its earlier epochs forgotten (they could be neither replayed nor
+    recovered at export)."""
+    try:
+        return bool(reports) and int(reports[-1]["epoch"]) == int(state["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _checkpoint_index(name: str) -> int:
