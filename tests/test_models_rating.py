@@ -244,7 +244,8 @@ def test_svdpp_and_mean_sweep_through_rayrec_sweep_with_their_shipped_spaces(ray
                      "--wandb", "off", "--verbose", 0, *set_flags(RATING_TINY))
         assert result.exit_code == 0, result.output
         trials = read_parquet(str(storage / "smoke" / "trials.parquet"))
-        assert (trials["status"] == "finished").all() and len(trials) == (2 if model == "svdpp" else 3)
+        # The smoke stage runs ASHA: a trial may be pruned, none may fail.
+        assert trials["status"].isin(["finished", "pruned"]).all() and len(trials) == (2 if model == "svdpp" else 3)
         summary = yaml.safe_load((storage / "smoke" / "summary.yaml").read_text())
         assert summary["best"]["metric"] == "val_rmse" and summary["mode"] == "min"
         # The best trial is the lowest RMSE.

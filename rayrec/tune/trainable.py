@@ -132,18 +132,7 @@ def restore_trial(trainer: Trainer) -> tuple[list[dict[str, Any]], dict[str, Any
     instead of being trained twice.
     """
     checkpoint = tune.get_checkpoint()
-    tune_state = None
-    if checkpoint is not None:
-        try:
-            tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device)
-        except FileNotFoundError:
-            # The experiment-state snapshot a resume starts from can name a checkpoint that the
-            # trial has since rotated out (CheckpointConfig.num_to_keep): its newer ones are in
-            # its own directory (newest_own_state). A PBT donor's checkpoint has no stand-in.
-            if not is_own_checkpoint(checkpoint):
-                raise
-            log.warning("checkpoint %s is gone (rotated out after the last snapshot); resuming from the trial's newest",
-                        checkpoint.path)
+    tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device) if checkpoint is not None else None
     newer = newest_own_state(checkpoint, trainer.device)
     state, reports = newer or tune_state or (None, [])
     if state is None:
