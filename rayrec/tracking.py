@@ -331,8 +331,6 @@ def log_sweep_summary(plan: Any, result: Any) -> str | None:
 
 
 def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
-    import ray
-    from ray.air.util.node import _force_on_current_node
 
     best = result.best
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", plan.name)[:56] + "-summary"
@@ -360,17 +358,9 @@ def _log_summary(plan: Any, result: Any, mode: str) -> str | None:
     init["dir"] = wandb_dir(plan)
     api_key = os.environ.get("WANDB_API_KEY") if mode == "online" else None
 
-    task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
     from rayrec.storage import plain
 
-    ref = task.remote(init, plain(summary), table.to_dict("list"), api_key)
-    done, _ = ray.wait([ref], timeout=TIMEOUT_S)
-    if not done:
-        ray.cancel(ref, force=True)
-        log.warning("W&B: summary run did not finish within %.0f s; abandoned", TIMEOUT_S)
-        return None
-    ray.get(ref)
-    return run_id
+    return run_id if _await_summary_run(init, plain(summary), table.to_dict("list"), api_key, "trials") else None
 
 
 def log_compare_summary(name: str, directory: str, requested: str | None, summary: dict[str, Any], table) -> str | None:
@@ -381,8 +371,6 @@ def log_compare_summary(name: str, directory: str, requested: str | None, summar
         mode = wandb_mode(requested)
         if mode == "off":
             return None
-        import ray
-        from ray.air.util.node import _force_on_current_node
 
         from rayrec.storage import plain
 
@@ -392,15 +380,8 @@ def log_compare_summary(name: str, directory: str, requested: str | None, summar
         if os.environ.get("WANDB_ENTITY"):
             init["entity"] = os.environ["WANDB_ENTITY"]
         api_key = os.environ.get("WANDB_API_KEY") if mode == "online" else None
-        task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
-        ref = task.remote(init, plain(summary), plain(table.to_dict("list")), api_key, "leaderboard")
-        done, _ = ray.wait([ref], timeout=TIMEOUT_S)
-        if not done:
-            ray.cancel(ref, force=True)
-            log.warning("W&B: leaderboard run did not finish within %.0f s; abandoned", TIMEOUT_S)
-            return None
-        ray.get(ref)
-        return run_id
+        return run_id if _await_summary_run(init, plain(summary), plain(table.to_dict("list")), api_key,
+                                            "leaderboard") else None
     except Exception as exc:  # noqa: BLE001 - W&B must not fail the comparison
         log.warning("W&B: leaderboard run not logged (%s)", error_line(exc))
         return None
@@ -417,6 +398,24 @@ def publish_wandb_files(plan: Any) -> None:
         publish_dir(local, join(plan.experiment, "wandb"))
     except Exception as exc:  # noqa: BLE001
         log.warning("W&B: offline files not copied to %s (%s); they stay in %s", plan.experiment, error_line(exc), local)
+
+
+def _await_summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None,
+                       table_key: str) -> bool:
+    """Run `_summary_run` as a Ray task on this node, waiting at most TIMEOUT_S; False if abandoned."""
+    import ray
+    from ray.air.util.node import _force_on_current_node
+
+    task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
+    ref = task.remote(init, summary, table, api_key, table_key)
+    done, _ = ray.wait([ref], timeout=TIMEOUT_S)
+    if not done:
+        ray.cancel(ref, force=True)
+        log.warning("W&B: %s run did not finish within %.0f s; abandoned", "summary" if table_key == "trials"
+                    else table_key, TIMEOUT_S)
+        return False
+    ray.get(ref)
+    return True
 
 
 def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None,

@@ -90,12 +90,18 @@ class BPRMF(RecModel):
         p, n = items[:b], items[b:].view(b, k, -1)  # (B, C), (B, k, C)
         pos_score = (u * p).sum(-1)  # (B,)
         neg_score = torch.einsum("bc,bkc->bk", u, n)  # (B, k)
-        bpr = F.softplus(neg_score.float() - pos_score.float()[:, None]).mean()  # = -log sigmoid(pos - neg)
+        pairwise = F.softplus(neg_score.float() - pos_score.float()[:, None])  # = -log sigmoid(pos - neg)
+        weight = self.positive_weights(batch)
+        bpr = (pairwise if weight is None else weight[:, None] * pairwise).mean()
         # L2 on the EGO embeddings of the batch, as LightGCN does: 0.5 * ||.||^2 / batch size,
         # the negatives' term averaged over the k negatives so that reg means the same for any k.
         ego_p, ego_n = ego_items[:b], ego_items[b:]
         l2 = 0.5 * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum() / k) / b
         return bpr + self.cfg.reg * l2.float()
+
+    def positive_weights(self, batch) -> torch.Tensor | None:
+        """(B,) weights of each positive's BPR terms, or None for equal weights (DGRec reweights)."""
+        return None
 
     def score(self, batch):
         tables = self._eval_cache

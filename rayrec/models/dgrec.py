@@ -58,7 +58,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from rayrec.data.types import CSR
 from rayrec.errors import UserError
@@ -223,19 +222,9 @@ class DGRec(LightGCN):
     def batch_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.propagated_batch_embeddings(users, items)
 
-    def loss(self, batch):
-        users, pos, neg = batch["users"], batch["pos"] - 1, batch["neg"] - 1  # (B,), (B,), (B, k); item rows
-        b, k = neg.shape
-        # A full propagation from the current weights at every call (field-lessons §4).
-        u, items, ego_u, ego_items = self.batch_embeddings(users, torch.cat([pos, neg.reshape(-1)]))
-        p, n = items[:b], items[b:].view(b, k, -1)  # (B, C), (B, k, C)
-        pos_score = (u * p).sum(-1)  # (B,)
-        neg_score = torch.einsum("bc,bkc->bk", u, n)  # (B, k)
-        weight = self.item_weights[batch["pos"]]  # (B,) the positive's category weight
-        bpr = (weight[:, None] * F.softplus(neg_score.float() - pos_score.float()[:, None])).mean()
-        ego_p, ego_n = ego_items[:b], ego_items[b:]
-        l2 = 0.5 * (ego_u.pow(2).sum() + ego_p.pow(2).sum() + ego_n.pow(2).sum() / k) / b
-        return bpr + self.cfg.reg * l2.float()
+    def positive_weights(self, batch) -> torch.Tensor:
+        """Loss reweighting: each positive's BPR terms weigh its category's class-balanced weight."""
+        return self.item_weights[batch["pos"]]  # (B,)
 
     def extra_metrics(self) -> dict[str, float]:
         """The mean attention each layer gets over the nodes: it leaves 1 / (L + 1) as the
