@@ -388,3 +388,24 @@ def test_snapshot_cadence_keeps_to_its_budget_above_rayrecs_floor(monkeypatch):
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
     assert not _ExperimentCheckpointManager(storage=None, checkpoint_period="7").auto_checkpoint_enabled
 
+
+
+def test_time_budget_ends_the_sweep_as_complete_with_the_trials_it_made(ray_session, tmp_path, tiny_data):
+    """`rayrec compare --minutes` (SweepOptions.time_budget_s): the clock, not num_samples,
+    ends the search; what it stopped is the whole sweep, exported complete, never partial."""
+    space = tiny_space(tmp_path, {"train.lr": LR}, fixed={"train.patience": 1000})
+    started = time.monotonic()
+    result = sweep(tmp_path, tiny_data, space=space, name="clock", search="random", scheduler="fifo",
+                   num_samples=200, max_epochs=400, time_budget_s=15, max_concurrent=2, seed=5)
+    elapsed = time.monotonic() - started
+    trials = result.trials
+    assert 1 <= len(trials) < 200  # the clock ended it long before 200 trials of 400 epochs
+    assert not result.status.partial and result.status.trials_planned == len(trials)
+    assert elapsed < 15 + 90, elapsed  # Ray's start-up and the export on top of the budget
+    history = read_parquet(os.path.join(result.experiment, "history.parquet"))
+    assert history.groupby("trial_id")["epoch"].max().max() < 400  # trials were stopped, not finished
+    import yaml
+
+    summary = yaml.safe_load(open(os.path.join(result.experiment, "summary.yaml")))
+    assert summary["status"] == "complete" and summary["best"]["value"] == pytest.approx(
+        trials["best_val_ndcg@10"].max())

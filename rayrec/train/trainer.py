@@ -29,6 +29,7 @@ from rayrec.config import Config, metric_mode
 from rayrec.data.types import SplitData
 from rayrec.errors import UserError
 from rayrec.models import build_model
+from rayrec.train.allocator import keep_freed_memory
 from rayrec.train.evaluate import Ranking, batch_to_device, evaluate_on_train, evaluation
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else resolve_device(tc.device)
         if tc.num_threads > 0:
             torch.set_num_threads(tc.num_threads)
+        keep_freed_memory()  # large per-step tensors reuse warm memory (see rayrec/train/allocator.py)
         torch.manual_seed(tc.seed)  # model init depends only on the seed
         self.model = build_model(cfg.model_name, cfg.model, data).to(self.device)
         self.optimizer = None if self.model.fits_itself else self._make_optimizer()

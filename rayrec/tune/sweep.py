@@ -64,6 +64,8 @@ def run_sweep(opts: SweepOptions, data=None, trial_function=None) -> SweepResult
     if opts.time_budget_s and time.monotonic() - started >= opts.time_budget_s:
         # The time budget ended it: Tune stopped the trials still running (not an interrupt),
         # and the trials it made are all there will be.
+        # Trials it created but never started reported nothing: they are not part of the sweep.
+        results = [r for r in results if r.error is not None or r.metrics]
         stopped, planned = {r.path for r in results}, len(results)
     result = export_results(plan, results, data, stopped, planned)
     if not result.status.partial:

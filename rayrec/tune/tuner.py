@@ -244,6 +244,10 @@ def tune_config(plan: Plan, reuse_actors: bool = True):
         searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or _slots(opts))
         max_concurrent = None
     else:
+        if opts.time_budget_s and not max_concurrent:
+            # Under a clock, Tune would otherwise create up to 1,000 pending trials at once, and
+            # those the clock never reaches would each leave a directory and an empty result.
+            max_concurrent = math.ceil(_slots(opts))
         # Tune ignores max_concurrent_trials when given a generator instance; it takes its own limit.
         searcher = BasicVariantGenerator(random_state=opts.seed, max_concurrent=max_concurrent or 0)
         max_concurrent = None
