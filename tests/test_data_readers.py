@@ -191,6 +191,14 @@ def test_gsasrec_folder_builds_leave_one_out(tmp_path):
     assert split.history("test").row(1).tolist() == [4, 5, 7, 8]
     with pytest.raises(UserError, match="comes already split .*data.split must be loo"):
         load_split(DataConfig(name=str(folder), split="ratio", cache_dir=str(tmp_path / "c")))
+    # A model whose own default is a ratio split (NCF, the graph models) takes the shipped
+    # leave-one-out split of ml-1m-gsasrec and of the gsasrec format without being told.
+    from rayrec.config import build_config
+
+    for model in ("ncf", "lightgcn", "sasrec"):
+        assert build_config(model, {"data": {"name": "ml-1m-gsasrec"}}).data.split == "loo"
+        assert build_config(model, {"data": {"name": str(folder), "format": "gsasrec"}}).data.split == "loo"
+    assert build_config("ncf", {"data": {"name": "lastfm"}}).data.split == "ratio"
 
 
 def test_gsasrec_reports_test_metrics_on_users_with_complete_test_input(tmp_path):

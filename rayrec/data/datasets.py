@@ -62,8 +62,9 @@ def ml1m_gsasrec_source(cfg: DataConfig) -> Source:
 
 
 # The split a dataset ships with, known from its name or format without reading it, so
-# that a model with no split default of its own (popularity) runs on gowalla as it is.
-SHIPPED_SPLITS = {"gowalla": "ratio", "lastfm": "ratio", "lightgcn": "ratio"}
+# that a model runs on it as it is: popularity on gowalla, NCF or LightGCN (whose own default is
+# a ratio split) on ml-1m-gsasrec. An explicit data.split still has to match.
+SHIPPED_SPLITS = {"gowalla": "ratio", "lastfm": "ratio", "lightgcn": "ratio", "ml-1m-gsasrec": "loo", "gsasrec": "loo"}
 
 
 def shipped_split(name: str, fmt: str | None) -> str | None:
