@@ -344,7 +344,13 @@ CASES = [
     Case("analysis", "final test of an interrupted sweep", ("final", "cut"),
          "error: sweep '{dir}/sweeps/cut' is unfinished (1 of 10 trials finished): its best is not the sweep's winner; "
          "finish it with `rayrec sweep --resume --name cut`, or pass --allow-partial to test its best so far"),
-    # --- rayrec compare (a rating model beside ranking models: tests/test_compare.py until one is registered) --
+    # --- rayrec compare ---------------------------------------------------------------------------------------
+    Case("compare", "a rating model beside ranking models", ("compare", "sasrec", "svdpp"),
+         "error: models that cannot share a split: 'sasrec' is a ranking model, 'svdpp' a rating model; "
+         "compare models of one task"),
+    Case("compare", "rating models only", ("compare", "svdpp", "mean"),
+         "error: rayrec compare ranks ranking models; 'svdpp' predicts ratings: compare rating models "
+         "with `rayrec sweep` and `rayrec confirm` on rmse or mae"),
     Case("compare", "unknown model", ("compare", "sasrec", "nosuchmodel"),
          f"error: unknown model 'nosuchmodel'; valid: {ALL_MODELS}"),
     Case("compare", "models that cannot share a split", ("compare", "sasrec", "lightgcn"),

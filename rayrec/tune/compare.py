@@ -133,7 +133,7 @@ def model_task(model: str) -> str:
     model says `task = "rating"`); models of different tasks cannot share a split or metric."""
     from rayrec.models import get_model_spec
 
-    return str(getattr(get_model_spec(model), "task", "ranking"))
+    return str(getattr(get_model_spec(model).model_cls, "task", "ranking"))
 
 
 def shared_split_problem(tasks: dict[str, str], data_configs: dict[str, dict[str, Any]]) -> str | None:
@@ -169,6 +169,13 @@ def plan_compare(opts: CompareOptions) -> ComparePlan:
     models = list(dict.fromkeys(opts.models))
     for m in models:
         get_model_spec(m)  # unknown model: one line listing the valid ones
+    rating = [m for m in models if model_task(m) != "ranking"]
+    if rating:  # before any config is built, whose metric check would name only one side
+        ranking = [m for m in models if m not in rating]
+        if ranking:
+            raise UserError(shared_split_problem({ranking[0]: "ranking", rating[0]: model_task(rating[0])}, {}))
+        raise UserError(f"rayrec compare ranks ranking models; '{rating[0]}' predicts ratings: compare rating models "
+                        "with `rayrec sweep` and `rayrec confirm` on rmse or mae")
     if BASELINE not in models:
         models.append(BASELINE)
     if opts.seeds < 1:
