@@ -16,7 +16,7 @@ def step():
 for _ in range(3):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(40):
     step()
 print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -32,9 +32,10 @@ def faults(env_value: str) -> tuple[bool, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_tables_are_reused_instead_of_mapped_afresh():
     # MALLOC_MMAP_THRESHOLD_ pins glibc's threshold at 128 KiB (no dynamic raise), so without
-    # the setting every 16 MB table of every step is a fresh mapping: 2 x 4,096 pages a step.
+    # the setting every 16 MB table of every step is a fresh mapping: 2 x 4,096 pages a step; with it, a few one-time mappings while the heap grows.
     on, with_setting = faults("1")
     off, without = faults("0")
     assert on and not off
-    assert without >= 20 * 2 * 4096 * 0.9
-    assert with_setting < 0.05 * without
+    assert without >= 40 * 2 * 4096 * 0.9
+    # A few one-time mappings as the heap grows (seen: 3 tables' worth), then none.
+    assert with_setting <= 4 * 4096 < 0.1 * without

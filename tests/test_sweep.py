@@ -383,12 +383,6 @@ def test_snapshot_cadence_keeps_to_its_budget_above_rayrecs_floor(monkeypatch):
     adaptive_snapshots(min_period=5.0)  # an object store: each snapshot is an upload
     manager._update_auto_checkpoint_time(0.002)
     assert manager._checkpoint_period == 5.0
-    # No snapshot forced when a trial has written num_to_keep checkpoints since the last one
-    # (a resumed trial handed a rotated-out checkpoint restores from its next: test below).
-    rotating = _ExperimentCheckpointManager(storage=None, checkpoint_period="auto", sync_every_n_trial_checkpoints=2)
-    for _ in range(3):
-        rotating.on_trial_checkpoint("trial_00000")
-    assert not rotating._should_force_sync_up
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")
     adaptive_snapshots(min_period=0.0)
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
@@ -402,14 +396,14 @@ def test_time_budget_ends_the_sweep_as_complete_with_the_trials_it_made(ray_sess
     space = tiny_space(tmp_path, {"train.lr": LR}, fixed={"train.patience": 1000})
     started = time.monotonic()
     result = sweep(tmp_path, tiny_data, space=space, name="clock", search="random", scheduler="fifo",
-                   num_samples=200, max_epochs=400, time_budget_s=30, max_concurrent=2, seed=5)
+                   num_samples=200, max_epochs=100_000, time_budget_s=30, max_concurrent=2, seed=5)
     elapsed = time.monotonic() - started
     trials = result.trials
-    assert 1 <= len(trials) < 200  # the clock ended it long before 200 trials of 400 epochs
+    assert 1 <= len(trials) < 200  # the clock ended it long before 200 trials of 100,000 epochs
     assert not result.status.partial and result.status.trials_planned == len(trials)
     assert elapsed < 30 + 90, elapsed  # Ray's start-up and the export on top of the budget
     history = read_parquet(os.path.join(result.experiment, "history.parquet"))
-    assert history.groupby("trial_id")["epoch"].max().max() < 400  # trials were stopped, not finished
+    assert history.groupby("trial_id")["epoch"].max().max() < 100_000  # trials were stopped, not finished
     import yaml
 
     summary = yaml.safe_load(open(os.path.join(result.experiment, "summary.yaml")))
