@@ -77,7 +77,7 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def wait_for_ray_idle(ray, timeout: float = 60.0) -> None:
+def wait_for_ray_idle(ray, timeout: float = 180.0) -> None:
     """Until every CPU of the shared Ray is free again, e.g. after a killed driver's trial workers
     were reaped, so a resume gets the slots it asks for."""
     wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0),
