@@ -83,15 +83,15 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None) 
 
     from rayrec.tune.progress import StoppedTrials
     from rayrec.tune.storage_handoff import pyarrow_filesystem
-    from rayrec.tune.trainable import train_trial, with_rotated_checkpoint_stand_in
+    from rayrec.tune.trainable import train_trial
 
     s, opts = plan.settings, plan.options
     stopped = StoppedTrials()
     trainable = tune.with_resources(
-        with_rotated_checkpoint_stand_in(tune.with_parameters(
+        tune.with_parameters(
             trial_function or train_trial, data=data, model=plan.model, base=plan.base,
             checkpoint_every=s.checkpoint_every, cpus_per_trial=opts.cpus_per_trial,
-        )),
+        ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     param_space = tune_param_space(plan)
