@@ -168,9 +168,8 @@ def adaptive_snapshots(min_period: float) -> None:
     # storage). Dropping it cut the driver's CPU at 1,000 trials from 242 to 107 s, but then
     # storage saw the trials' result files only every sync period (minutes) instead of within
     # seconds (the killed-driver test, which watches them, failed 2 of 3 runs; 2026-12-03
-    # night): kept. The driver cost stays 0.26 at 1,000 tiny trials. A resume handed a
-    # rotated-out checkpoint still restores from the trial's next one
-    # (trainable.RotatedCheckpointStandIn).
+    # night): kept. The driver cost stays 0.26 at 1,000 tiny trials.
+    # (trainable.RotatedCheckpointStandIn, for rotated-out checkpoints, is not wired in.)
 
 
 @contextlib.contextmanager
