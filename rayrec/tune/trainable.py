@@ -242,9 +242,10 @@ class RotatedCheckpointStandIn:
     """Mixin of the trial's Tune trainable class: restore accepts a checkpoint of the trial's
     own that is gone, by restoring from the trial's next one that still exists.
 
-    Tune's experiment-state snapshot lags the trials' checkpoints: rayrec keeps snapshots to 5%
-    of the driver's time and does not force one whenever a trial has rotated out
-    `num_to_keep` checkpoints (tuner.adaptive_snapshots). A resume can then hand a trial a
+    NOT WIRED INTO SWEEPS (2026-12-03): with it, tests/test_sweep.py's killed-driver resume
+    ended with every trial interrupted; find out why before using it. Its purpose: should
+    Tune stop forcing a snapshot whenever a trial has rotated out `num_to_keep` checkpoints
+    (tuner.adaptive_snapshots), snapshots would lag the trials' checkpoints. A resume can then hand a trial a
     checkpoint it has since deleted, which Ray's `Trainable.restore` refuses ("does not exist
     on storage anymore"). The trial's later checkpoints are all there, in its own directory:
     the oldest of them stands in, and `restore_trial` then takes the newest complete one and
