@@ -522,16 +522,27 @@ def _result_rows(fs, path: str) -> list[dict[str, Any]]:
 
 
 def _final_checkpoint_reports(fs, path: str) -> dict[str, list[dict[str, Any]]]:
-    """Each trial's newest checkpoint's reports, by the trial that trained them."""
-    newest: dict[str, str] = {}
-    for p in sorted(fs.glob(f"{path}/train_trial_*/checkpoint_*/reports.json")):
-        newest[p.split("/")[-3]] = p  # sorted: the highest checkpoint index wins
-    out = {}
-    for p in newest.values():
-        reports = json.loads(fs.cat(p))
-        if reports:
-            out[str(reports[-1].get("trained_by") or reports[-1].get("trial_id"))] = reports
-    return out
+    """Each trial's newest checkpoint's reports, by the trial that trained them.
+
+    Newest by the epoch it holds, as a restore ranks them (trainable.own_checkpoints), among
+    directories that hold both files: a resumed trial's checkpoint indices restart from the
+    snapshot's, so the highest index can be a stale directory from before a kill."""
+    best: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
+    for p in fs.glob(f"{path}/train_trial_*/checkpoint_*/reports.json"):
+        directory = p.rsplit("/", 1)[0]
+        if not fs.exists(f"{directory}/trainer.pt"):
+            continue
+        try:
+            reports = json.loads(fs.cat(p))
+        except ValueError:
+            continue  # cut short by a kill: never a restore's choice either
+        if not reports:
+            continue
+        key = (int(reports[-1]["epoch"]), int(directory.rsplit("_", 1)[1]))
+        trial = p.split("/")[-3]
+        if trial not in best or key > best[trial][:2]:
+            best[trial] = (*key, reports)
+    return {str(reps[-1].get("trained_by") or reps[-1].get("trial_id")): reps for _, _, reps in best.values()}
 
 
 def _trial_failures(fs, path: str) -> int:

@@ -44,11 +44,54 @@ def test_a_checkpoint_with_missing_or_truncated_reports_is_skipped_for_the_older
     assert not trainable.complete_checkpoint({"epoch": 3}, []) and not trainable.complete_checkpoint({"epoch": 3}, lineage)
 
 
+def _lineage(epochs, pid=1):
+    return [{"epoch": e, "trained_pid": pid, "reported_at": float(e)} for e in epochs]
+
+
+def test_the_newest_own_checkpoint_is_the_newest_epoch_of_the_handed_lineage_not_the_highest_index(tmp_path, monkeypatch):
+    """After a killed driver's resume Ray numbers a trial's checkpoints from the snapshot's
+    count, so a stale directory from before the kill can carry a higher index than the
+    trial's newest epoch; and under asynchronous PBT a trial's directory can hold a later
+    epoch of the lineage it left for a donor's. Neither may be restored."""
+    from rayrec.tune import trainable
+
+    trial = tmp_path / "train_trial_x"
+    monkeypatch.setattr(trainable, "_trial_storage", lambda: (pyarrow.fs.LocalFileSystem(), str(trial)))
+    _write_checkpoint(trial, 1, 2, json.dumps(_lineage([1, 2])))
+    _write_checkpoint(trial, 2, 4, json.dumps(_lineage([1, 2, 3, 4])))  # written after the resume, index reused
+    _write_checkpoint(trial, 3, 3, json.dumps(_lineage([1, 2, 3])))  # stale, from before the kill
+    state, reports = trainable.newest_own_state(None, "cpu", _lineage([1, 2]))
+    assert state["epoch"] == 4 and [r["epoch"] for r in reports] == [1, 2, 3, 4]  # by index it was epoch 3
+    assert trainable.newest_own_state(None, "cpu", _lineage([1, 2, 3, 4])) is None  # nothing past epoch 4
+
+    # PBT: the trial copied a donor at epoch 2 and trained epoch 3 on it; its own old lineage
+    # (pid 1) reached epoch 4 before that. Tune hands over the new lineage's epoch 3.
+    pbt = tmp_path / "train_trial_y"
+    monkeypatch.setattr(trainable, "_trial_storage", lambda: (pyarrow.fs.LocalFileSystem(), str(pbt)))
+    copied = _lineage([1, 2], pid=7) + _lineage([3], pid=8)
+    _write_checkpoint(pbt, 3, 4, json.dumps(_lineage([1, 2, 3, 4])))
+    _write_checkpoint(pbt, 4, 3, json.dumps(copied))
+    assert trainable.newest_own_state(None, "cpu", copied) is None
+    _write_checkpoint(pbt, 5, 4, json.dumps(copied + _lineage([4], pid=8)))  # its own continuation counts
+    assert trainable.newest_own_state(None, "cpu", copied)[0]["epoch"] == 4
+
+
+def test_the_chaos_checker_takes_a_trials_newest_epoch_as_its_final_checkpoint(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import fsspec
+
+    from chaos import _final_checkpoint_reports
+
+    trial = tmp_path / "train_trial_x"
+    lineage = [{**r, "trial_id": "x"} for r in _lineage([1, 2, 3, 4])]
+    _write_checkpoint(trial, 2, 4, json.dumps(lineage))
+    _write_checkpoint(trial, 3, 3, json.dumps(lineage[:3]))  # stale, higher index
+    _write_checkpoint(trial, 4, 5, None)  # trainer.pt without reports: not a final checkpoint
+    final = _final_checkpoint_reports(fsspec.filesystem("file"), str(tmp_path))
+    assert [r["epoch"] for r in final["x"]] == [1, 2, 3, 4]
+
+
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, open: 2 of 6 runs on 2026-12-03 night failed one invariant, 'final checkpoints with a short "
-    "lineage 1' (a trial's highest-index checkpoint without the reports of epochs 1..last); suspect: a resumed "
-    "trial's checkpoint indices restart from the snapshot's and collide with its own newer checkpoints"))
 def test_a_sweep_whose_driver_was_killed_passes_the_chaos_invariants(ray_session, tmp_path):
     """bench/chaos.py in small: 3 trials, the driver SIGKILLed once after the first checkpoint,
     `rayrec sweep --resume`, then the campaign's invariant checker (best.yaml retrained too)."""

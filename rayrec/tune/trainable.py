@@ -133,14 +133,14 @@ def restore_trial(trainer: Trainer) -> tuple[list[dict[str, Any]], dict[str, Any
     """
     checkpoint = tune.get_checkpoint()
     tune_state = read_checkpoint(checkpoint.filesystem, checkpoint.path, trainer.device) if checkpoint is not None else None
-    newer = newest_own_state(checkpoint, trainer.device)
+    known = int(tune_state[0]["epoch"]) if tune_state is not None else 0
+    newer = newest_own_state(checkpoint, trainer.device, tune_state[1] if tune_state is not None else None)
     state, reports = newer or tune_state or (None, [])
     if state is None:
         return reports, {"restored_epoch": 0, "restored_checksum": float("nan")}, False
     trainer.load_state_dict(state)  # also applies this trial's weight decay to the optimiser
     restored = {"restored_epoch": trainer.epoch, "restored_checksum": weights_checksum(trainer.model)}
     if newer is not None:
-        known = int(tune_state[0]["epoch"]) if tune_state is not None else 0
         lost = [r for r in reports if int(r["epoch"]) > known]
         for i, record in enumerate(lost):
             _report(trainer, {**record, "replayed": 1}, reports if i == len(lost) - 1 else None)
@@ -198,44 +198,73 @@ def checkpoint_reports(fs, checkpoint_path: str) -> list[dict[str, Any]]:
         return []
 
 
-def newest_own_state(checkpoint, device) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """(state, reports) of the trial's newest complete checkpoint in storage, when it is newer than Tune's.
+def newest_own_state(checkpoint, device, known: list[dict[str, Any]] | None = None,
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """(state, reports) of the trial's newest complete checkpoint in storage that continues
+    `known` (the reports of the checkpoint Tune handed over, or none) past its last epoch.
 
     Ray writes a checkpoint to storage before the driver registers it, and the experiment
     state snapshot comes later still; a driver killed in between resumes the trial from an
     older checkpoint and would train the lost epochs again. Only this trial's own
     directory is searched: a PBT exploit hands over a donor's checkpoint, which stands.
+    Checkpoints are ranked by the epoch they hold, not by their directory's index: a resumed
+    trial's indices restart from the snapshot's, so a directory with a higher index can be a
+    stale one from before the kill (`own_checkpoints`). And a candidate must hold `known` as
+    the start of its reports: under asynchronous PBT a trial's own directory can still hold a
+    later epoch of the lineage it left when it copied a donor; that one is not the trial's.
     """
     where = _trial_storage()
     if where is None:
         return None
-    fs, trial_path = where
-    current = -1
-    if checkpoint is not None:
-        if not is_own_checkpoint(checkpoint):
-            return None
-        current = _checkpoint_index(posixpath.basename(checkpoint.path.rstrip("/")))
-    import pyarrow.fs
-
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
-    except Exception:
+    if checkpoint is not None and not is_own_checkpoint(checkpoint):
         return None
-    newer = sorted(((_checkpoint_index(posixpath.basename(i.path)), i.path) for i in infos
-                    if i.type == pyarrow.fs.FileType.Directory), reverse=True)
-    for index, path in newer:
-        if index <= current:
+    fs, trial_path = where
+    known = known or []
+    known_epoch = int(known[-1]["epoch"]) if known else 0
+    for epoch, _, path in own_checkpoints(fs, trial_path):
+        if epoch <= known_epoch:
             break
         try:
             state, reports = read_checkpoint(fs, path, device)
         except Exception:  # noqa: BLE001 - unreadable: a kill interrupted its upload
             state, reports = None, []
         if state is not None and complete_checkpoint(state, reports):
-            return state, reports
+            if _lineage(reports[:len(known)]) == _lineage(known):
+                return state, reports
+            continue  # another lineage's (the one a PBT exploit left behind)
         # Ray uploads a checkpoint's files one by one, in no set order; a kill in between
         # leaves trainer.pt without reports.json (or a truncated file): take the next older one.
         log.warning("skipping incomplete checkpoint %s (interrupted upload)", path)
     return None
+
+
+def own_checkpoints(fs, trial_path: str) -> list[tuple[int, int, str]]:
+    """(epoch of its last report, index, path) of every checkpoint directory in a trial's
+    storage directory, newest epoch first (the higher index first among equal epochs); a
+    directory without readable reports ranks last (epoch -1).
+
+    The epoch, not the index, says which is newest. Ray numbers a trial's checkpoints from the
+    experiment snapshot's count, so after a driver was killed and the sweep resumed, the
+    trial's new checkpoints reuse indices and can stay below a stale directory written before
+    the kill (an older epoch's, or one whose upload the kill cut short)."""
+    import pyarrow.fs
+
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+    except Exception:  # noqa: BLE001 - storage unreachable: no own checkpoint to prefer
+        return []
+    found = []
+    for info in infos:
+        index = _checkpoint_index(posixpath.basename(info.path))
+        if info.type != pyarrow.fs.FileType.Directory or index < 0:
+            continue
+        reports = checkpoint_reports(fs, info.path)
+        try:
+            epoch = int(reports[-1]["epoch"]) if reports else -1
+        except (KeyError, TypeError, ValueError):
+            epoch = -1
+        found.append((epoch, index, info.path))
+    return sorted(found, reverse=True)
 
 
 class RotatedCheckpointStandIn:
@@ -307,6 +336,11 @@ def complete_checkpoint(state: dict[str, Any], reports: list[dict[str, Any]]) ->
         return bool(reports) and int(reports[-1]["epoch"]) == int(state["epoch"])
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def _lineage(reports: list[dict[str, Any]]) -> list[tuple]:
+    """What identifies each epoch's training in a lineage of reports (a replay repeats them)."""
+    return [(int(r.get("epoch", -1)), r.get("trained_pid"), r.get("reported_at")) for r in reports]
 
 
 def _checkpoint_index(name: str) -> int:
