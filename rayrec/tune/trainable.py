@@ -267,60 +267,6 @@ def own_checkpoints(fs, trial_path: str) -> list[tuple[int, int, str]]:
     return sorted(found, reverse=True)
 
 
-class RotatedCheckpointStandIn:
-    """Mixin of the trial's Tune trainable class: restore accepts a checkpoint of the trial's
-    own that is gone, by restoring from the trial's next one that still exists.
-
-    NOT WIRED INTO SWEEPS (2026-12-03): with it, tests/test_sweep.py's killed-driver resume
-    ended with every trial interrupted; find out why before using it. Its purpose: should
-    Tune stop forcing a snapshot whenever a trial has rotated out `num_to_keep` checkpoints
-    (tuner.adaptive_snapshots), snapshots would lag the trials' checkpoints. A resume can then hand a trial a
-    checkpoint it has since deleted, which Ray's `Trainable.restore` refuses ("does not exist
-    on storage anymore"). The trial's later checkpoints are all there, in its own directory:
-    the oldest of them stands in, and `restore_trial` then takes the newest complete one and
-    re-reports the epochs Tune had not seen (`newest_own_state`). A missing checkpoint of
-    another trial (a PBT donor's) has no stand-in: Ray's error stands.
-    """
-
-    def restore(self, checkpoint_path):
-        return super().restore(rotated_checkpoint_stand_in(checkpoint_path, self._storage))
-
-
-def with_rotated_checkpoint_stand_in(trainable_fn):
-    """`trainable_fn` (a function trainable, as tune.with_parameters returns it) with
-    RotatedCheckpointStandIn among the bases of the class Tune wraps it in (`__mixins__`)."""
-    trainable_fn.__mixins__ = (*getattr(trainable_fn, "__mixins__", ()), RotatedCheckpointStandIn)
-    return trainable_fn
-
-
-def rotated_checkpoint_stand_in(handed, storage):
-    """What `Trainable.restore` should load for `handed` (a Checkpoint or Tune's _TrainingResult):
-    itself, unless it is one of the trial's own checkpoints (`storage`: the trial's
-    StorageContext) that no longer exists; then the oldest later one that holds both files."""
-    import pyarrow.fs
-
-    checkpoint = getattr(handed, "checkpoint", handed)
-    if not isinstance(checkpoint, tune.Checkpoint):
-        return handed
-    fs, trial_path = storage.storage_filesystem, storage.trial_fs_path.rstrip("/")
-    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
-    if parent != trial_path or fs.get_file_info(checkpoint.path).type != pyarrow.fs.FileType.NotFound:
-        return handed
-    gone = _checkpoint_index(name)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
-    later = sorted((_checkpoint_index(posixpath.basename(i.path)), i.path) for i in infos
-                   if i.type == pyarrow.fs.FileType.Directory and _checkpoint_index(posixpath.basename(i.path)) > gone)
-    for _, path in later:
-        files = fs.get_file_info([f"{path}/{STATE_FILE}", f"{path}/{REPORTS_FILE}"])
-        if all(f.type == pyarrow.fs.FileType.File for f in files):
-            log.warning("checkpoint %s was rotated out after the last snapshot; restoring from %s", checkpoint.path, path)
-            stand_in = tune.Checkpoint(path=path, filesystem=fs)
-            if handed is checkpoint:
-                return stand_in
-            return type(handed)(checkpoint=stand_in, metrics=handed.metrics)
-    return handed
-
-
 def is_own_checkpoint(checkpoint) -> bool:
     """Whether a Tune checkpoint lies in the running trial's own directory (not a PBT donor's)."""
     where = _trial_storage()

@@ -169,7 +169,6 @@ def adaptive_snapshots(min_period: float) -> None:
     # storage saw the trials' result files only every sync period (minutes) instead of within
     # seconds (the killed-driver test, which watches them, failed 2 of 3 runs; 2026-12-03
     # night): kept. The driver cost stays 0.26 at 1,000 tiny trials.
-    # (trainable.RotatedCheckpointStandIn, for rotated-out checkpoints, is not wired in.)
 
 
 @contextlib.contextmanager
