@@ -497,7 +497,9 @@ def check_invariants(storage: str, name: str, *, ledger: list[dict[str, Any]] | 
     partial = wrong + len(short_lineages) + len(errored)
     add("partial checkpoints loaded", partial, partial == 0,
         f"{len(restores.drop_duplicates(subset=['trial', 'training']))} restores checked against the epoch's weights "
-        f"({wrong} wrong); final checkpoints with a short lineage {len(short_lineages)}; trials ended in error {len(errored)}")
+        f"({wrong} wrong); final checkpoints with a short lineage {len(short_lineages)}"
+        + "".join(f" ({t}: epochs {[int(r['epoch']) for r in final_reports[t]]} of {last_epoch[t]})" for t in short_lineages[:5])
+        + f"; trials ended in error {len(errored)}")
 
     figures = {
         "trials": len(trials), "planned": planned, "epochs_reported": int(len(history)), "replayed": replayed,

@@ -355,3 +355,54 @@ def test_storage_outage_mid_sweep_loses_no_completed_result(ray_session, s3, tmp
 
 
 OUTAGE_S = 4.0
+
+
+def test_a_checkpoint_that_storage_lost_is_written_again_once_storage_is_back(s3, tmp_path):
+    """Ray uploads checkpoints with pyarrow's copy_files, which on S3 returns as if it had
+    succeeded while the endpoint is down (bench/chaos.py: a finished trial whose registered
+    last checkpoint never existed). After each report the trial checks storage and writes
+    what is missing again, waiting out the outage."""
+    from rayrec.tune.trainable import ensure_persisted
+
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "trainer.pt").write_bytes(os.urandom(300_000))
+    (local / "reports.json").write_text('[{"epoch": 4}]')
+    fs, root = pyarrow_filesystem(f"s3://{BUCKET}/lost")
+    path = f"{root}/train_trial_x/checkpoint_000003"
+    # What Ray left: the upload of reports.json went through, trainer.pt's did not.
+    fs.create_dir(path)
+    with fs.open_output_stream(f"{path}/reports.json") as out:
+        out.write((local / "reports.json").read_bytes())
+
+    s3.stop()
+    restart = threading.Timer(3.0, s3.start)
+    restart.start()
+    started = time.time()
+    retries = ensure_persisted(str(local), fs, path, deadline_s=120)
+    restart.join()
+    assert retries >= 1 and time.time() - started >= 3.0  # it waited for the outage to end
+    check = s3fs_fresh()
+    assert check.cat(f"{path}/trainer.pt") == (local / "trainer.pt").read_bytes()
+    assert check.cat(f"{path}/reports.json") == (local / "reports.json").read_bytes()
+    assert ensure_persisted(str(local), fs, path) == 0  # complete now: one listing, nothing written
+
+
+def test_a_checkpoint_that_never_reaches_storage_fails_the_trial_with_a_clear_error(tmp_path):
+    import pyarrow.fs
+
+    from rayrec.tune.trainable import ensure_persisted
+
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "trainer.pt").write_bytes(b"x" * 10)
+
+    class Refusing(pyarrow.fs.FSSpecHandler):  # a store that accepts nothing
+        def open_output_stream(self, path, metadata):
+            raise OSError("storage refuses writes")
+
+    import fsspec
+
+    fs = pyarrow.fs.PyFileSystem(Refusing(fsspec.filesystem("memory")))
+    with pytest.raises(RuntimeError, match=r"not in storage after 2 s of retries \(missing or short: trainer.pt\)"):
+        ensure_persisted(str(local), fs, "/nowhere/checkpoint_000001", deadline_s=2)

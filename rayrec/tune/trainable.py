@@ -169,6 +169,58 @@ def _report(trainer: Trainer, metrics: dict[str, Any], reports: list[dict[str, A
         with open(os.path.join(d, REPORTS_FILE), "w") as fh:
             json.dump(reports, fh)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        # Ray has persisted it at the storage context's current checkpoint path, or believes so.
+        try:
+            storage = tune.get_context().get_storage()
+            fs, path = storage.storage_filesystem, storage.checkpoint_fs_path
+        except Exception:  # noqa: BLE001 - outside a Tune session
+            return
+        ensure_persisted(d, fs, path)
+
+
+# How long a trial keeps trying to write a checkpoint that storage lost before it fails.
+PERSIST_DEADLINE_S = 900.0
+
+
+def ensure_persisted(local_dir: str, fs, path: str, deadline_s: float = PERSIST_DEADLINE_S) -> int:
+    """Make sure storage holds the checkpoint `local_dir` at `path`, every file at its size;
+    upload what is missing, retrying with backoff while storage is down. Returns the number
+    of retries (0: Ray's upload was complete).
+
+    Ray uploads a checkpoint with pyarrow's copy_files, which on an fsspec filesystem (S3,
+    GCS) logs a failed upload and returns as if it had succeeded: with the storage endpoint
+    down, `tune.report` came back after s3fs's retries and the checkpoint was registered at
+    a path that stayed empty (bench/chaos.py found a finished trial whose last checkpoint
+    never existed). Checked here, after every report, by one listing.
+    """
+    import pyarrow.fs
+
+    names = sorted(os.listdir(local_dir))
+    sizes = {n: os.path.getsize(os.path.join(local_dir, n)) for n in names}
+    deadline, delay, retries = time.monotonic() + deadline_s, 1.0, 0
+    while True:
+        try:
+            infos = fs.get_file_info([f"{path}/{n}" for n in names])
+            missing = [n for n, i in zip(names, infos) if i.type != pyarrow.fs.FileType.File or i.size != sizes[n]]
+        except Exception:  # noqa: BLE001 - storage unreachable: treat everything as missing
+            missing = names
+        if not missing:
+            return retries
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"checkpoint {path} is not in storage after {deadline_s:.0f} s of retries "
+                               f"(missing or short: {', '.join(missing)})")
+        log.warning("checkpoint %s is missing %s in storage (an upload failed); writing it again", path, missing)
+        retries += 1
+        if retries > 1:  # storage still down (a failed write may also pass silently): wait
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+        try:
+            fs.create_dir(path)
+            for n in missing:
+                with open(os.path.join(local_dir, n), "rb") as src, fs.open_output_stream(f"{path}/{n}") as out:
+                    out.write(src.read())
+        except Exception:  # noqa: BLE001 - still down: check again after the wait
+            continue
 
 
 def _trial_storage():
