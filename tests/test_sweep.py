@@ -213,12 +213,16 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
     assert sorted(history.groupby("trial_id")["epoch"].count()) == [4] * 6
     # Trials that finished before the kill were kept, not rerun: one process, no restore.
     assert finished <= set(trials["trial_id"])
+    # (Its result file can reach storage before the experiment state saying it ended: then
+    # it is restored at its end and only re-reports its last epoch, `replayed`.)
+    replay = history["replayed"].fillna(0) == 1 if "replayed" in history else pd.Series(False, index=history.index)
+    restored = history["restored_epoch"].fillna(0) > 0
     for trial_id in finished:
-        rows = history[history["trial_id"] == trial_id]
-        assert rows["trained_pid"].nunique() == 1
-        assert trials.loc[trials["trial_id"] == trial_id, "restores"].iloc[0] == 0
+        rows = history["trial_id"] == trial_id
+        assert history.loc[rows, "trained_pid"].nunique() == 1
+        assert replay[rows & restored].all(), history.loc[rows]
     # A trial cut off mid-way continued from its checkpoint, not from scratch.
-    resumed = history[history["restored_epoch"] > 0]
+    resumed = history[restored & ~replay]
     assert set(resumed["trial_id"]).isdisjoint(finished)
 
 
@@ -367,6 +371,42 @@ def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
     assert _with_checkpoint_reports(full, tune.Checkpoint.from_directory(str(ckpt)), "t1") is full
 
 
+def test_tunes_per_trial_state_keeps_no_metric_windows_and_only_restore_counters_per_checkpoint(tmp_path):
+    """What every snapshot writes per trial: without the last-5/last-10 windows of every
+    metric, and with only Ray's restore counters (and the epoch) per kept checkpoint, a
+    trial's state is a quarter of its size; restore reads the same counters."""
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    from rayrec.tune.tuner import slim_trial_state
+
+    report = {f"val_metric{i}@10": 0.1 * i for i in range(40)}
+    full = _TrainingRunMetadata(n_steps=(5, 10))  # Tune's default, for the comparison
+    slim_trial_state()
+    slim = _TrainingRunMetadata()
+    for step in (1, 2, 3):
+        for meta in (full, slim):
+            for key, value in report.items():
+                meta.update_metric(key, value + step, step)
+    assert slim.metric_analysis["val_metric3@10"] == {"max": 3.3, "min": 1.3, "avg": pytest.approx(2.3), "last": 3.3}
+    assert all(not windows for windows in slim.metric_n_steps.values())
+    assert len(slim.get_json_state()) < 0.3 * len(full.get_json_state())
+
+    manager = _CheckpointManager(tune.CheckpointConfig(num_to_keep=2))
+    metrics = {**report, "training_iteration": 7, "time_total_s": 12.5, "timesteps_total": None, "epoch": 7,
+               "trial_id": "x"}
+    for i in range(3):
+        (tmp_path / f"checkpoint_00000{i}").mkdir()
+        manager.register_checkpoint(_TrainingResult(
+            checkpoint=tune.Checkpoint(path=str(tmp_path / f"checkpoint_00000{i}")), metrics=dict(metrics)))
+    kept = manager.best_checkpoint_results
+    assert len(kept) == 2 and kept[-1].checkpoint.path.endswith("checkpoint_000002")
+    assert kept[-1].metrics == {"training_iteration": 7, "time_total_s": 12.5, "timesteps_total": None, "epoch": 7}
+    assert not (tmp_path / "checkpoint_000000").exists()  # rotation works as before
+
+
 def test_snapshot_cadence_keeps_to_its_budget_above_rayrecs_floor(monkeypatch):
     """Experiment-state snapshots: period = 19 x the last snapshot's duration (5% of the
     driver's time), floored at 0 s on local storage and 5 s on object stores; a user's own
@@ -412,3 +452,79 @@ def test_time_budget_ends_the_sweep_as_complete_with_the_trials_it_made(ray_sess
     summary = yaml.safe_load(open(os.path.join(result.experiment, "summary.yaml")))
     assert summary["status"] == "complete" and summary["best"]["value"] == pytest.approx(
         trials["best_val_ndcg@10"].max())
+
+
+def test_a_lost_checkpoint_of_the_trials_own_is_restored_from_its_next_one(tmp_path):
+    """A resume can name a checkpoint the trial has rotated out since the experiment state in
+    storage was written: the oldest later one that holds both files stands in. Another trial's (a PBT donor's) or an existing one is left as handed."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+
+    from rayrec.experiment import REPORTS_FILE, STATE_FILE
+    from rayrec.tune.trainable import rotated_checkpoint_stand_in
+
+    trial = tmp_path / "sweep" / "train_trial_00000"
+    (trial / "checkpoint_000003").mkdir(parents=True)  # an upload cut short: state without reports
+    (trial / "checkpoint_000003" / STATE_FILE).write_bytes(b"x")
+    for index in (4, 5):
+        (trial / f"checkpoint_00000{index}").mkdir()
+        (trial / f"checkpoint_00000{index}" / STATE_FILE).write_bytes(b"x")
+        (trial / f"checkpoint_00000{index}" / REPORTS_FILE).write_text("[]")
+    fs = pyarrow.fs.LocalFileSystem()
+    storage = SimpleNamespace(storage_filesystem=fs, trial_fs_path=str(trial))
+
+    gone = tune.Checkpoint(path=str(trial / "checkpoint_000001"), filesystem=fs)
+    stand_in = rotated_checkpoint_stand_in(gone, storage)
+    assert stand_in.path == str(trial / "checkpoint_000004")
+    result = rotated_checkpoint_stand_in(_TrainingResult(checkpoint=gone, metrics={"epoch": 2}), storage)
+    assert result.checkpoint.path == str(trial / "checkpoint_000004") and result.metrics == {"epoch": 2}
+
+    there = tune.Checkpoint(path=str(trial / "checkpoint_000005"), filesystem=fs)
+    assert rotated_checkpoint_stand_in(there, storage) is there
+    donor = tune.Checkpoint(path=str(tmp_path / "sweep" / "train_trial_00001" / "checkpoint_000001"), filesystem=fs)
+    assert rotated_checkpoint_stand_in(donor, storage) is donor
+    newest_gone = tune.Checkpoint(path=str(trial / "checkpoint_000007"), filesystem=fs)
+    assert rotated_checkpoint_stand_in(newest_gone, storage) is newest_gone  # nothing later: Ray's error stands
+
+
+def test_a_trial_about_to_restore_from_a_lost_checkpoint_is_handed_its_next_one(tmp_path):
+    """LostCheckpointStandIn on Tune's own Trial objects: before a PENDING trial starts, a
+    checkpoint of its own that storage no longer holds is swapped for the oldest later one that
+    holds both files (Ray's restore would refuse the lost one on every retry); a trial whose
+    checkpoint exists keeps it, and a trial that has started is not looked at again."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from rayrec.experiment import REPORTS_FILE, STATE_FILE
+    from rayrec.tune.trainable import LostCheckpointStandIn
+
+    def trial_with(name: str, handed_index: int, existing: tuple[int, ...]) -> Trial:
+        storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep", trial_dir_name=name)
+        trial = Trial("train_trial", trial_id=name, storage=storage, stub=True,
+                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+        trial_dir = tmp_path / "sweep" / name
+        for index in existing:
+            (trial_dir / f"checkpoint_{index:06d}").mkdir(parents=True)
+            for file in (STATE_FILE, REPORTS_FILE):
+                (trial_dir / f"checkpoint_{index:06d}" / file).write_text("x")
+        handed = tune.Checkpoint(path=str(trial_dir / f"checkpoint_{handed_index:06d}"))
+        trial.run_metadata.checkpoint_manager._latest_checkpoint_result = _TrainingResult(
+            checkpoint=handed, metrics={"training_iteration": 2, "epoch": 2})
+        return trial
+
+    lost = trial_with("lost", 1, existing=(3, 4))
+    kept = trial_with("kept", 1, existing=(1, 2))
+    callback = LostCheckpointStandIn()
+    callback.on_step_begin(0, [lost, kept])
+    assert lost.latest_checkpoint_result.checkpoint.path.endswith("lost/checkpoint_000003")
+    assert lost.latest_checkpoint_result.metrics == {"training_iteration": 2, "epoch": 2}  # Tune's counters stay
+    assert kept.latest_checkpoint_result.checkpoint.path.endswith("kept/checkpoint_000001")
+    lost.run_metadata.checkpoint_manager._latest_checkpoint_result = _TrainingResult(
+        checkpoint=tune.Checkpoint(path=str(tmp_path / "sweep" / "lost" / "checkpoint_000009")), metrics={})
+    callback.on_step_begin(1, [lost])  # checked once per driver run
+    assert lost.latest_checkpoint_result.checkpoint.path.endswith("checkpoint_000009")

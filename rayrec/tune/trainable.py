@@ -86,7 +86,12 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
         torch.cuda.reset_peak_memory_stats()  # the trial's own peak, not an earlier trial's in this worker
     trainer = Trainer(cfg, data, device=device)
     reports, restored, replayed = restore_trial(trainer)  # reports: this lineage's, kept in its checkpoints
-    if replayed and trainer.finished:
+    if trainer.finished:
+        if not replayed and reports:
+            # Restored at its end, and Tune did not see it end (it handed an older checkpoint,
+            # or a stand-in for a lost one, LostCheckpointStandIn): the last epoch again, as
+            # trained, so the trial ends with its figures.
+            _report(trainer, {**reports[-1], **restored, "replayed": 1}, reports)
         return
     fixed = {
         "config_lr": cfg.train.lr,
@@ -317,6 +322,69 @@ def own_checkpoints(fs, trial_path: str) -> list[tuple[int, int, str]]:
             epoch = -1
         found.append((epoch, index, info.path))
     return sorted(found, reverse=True)
+
+
+class LostCheckpointStandIn(tune.Callback):
+    """Driver side: before a trial (re)starts, make sure the checkpoint Tune will restore it
+    from still exists; if one of the trial's own is gone, the oldest later one that holds both
+    files stands in (`rotated_checkpoint_stand_in`), and the trial then continues from its
+    newest complete one (`restore_trial`). Checked once per trial and driver run.
+
+    Tune's experiment state in storage can lag the trials' checkpoints by minutes: an upload
+    of it started while storage was down blocks the next ones for as long as the client
+    retries, and meanwhile the trials rotate out the checkpoints it names. A driver killed
+    then resumes trials from checkpoints that no longer exist, which Ray's
+    `Trainable.restore` refuses on every retry (bench/chaos.py: 2 of 24 trials errored so,
+    2026-12-04). A PBT donor's missing checkpoint has no stand-in: Ray's error stands.
+    """
+
+    def __init__(self) -> None:
+        self._checked: set[str] = set()
+
+    def on_step_begin(self, iteration, trials, **info):
+        for trial in trials:
+            if trial.status != "PENDING" or trial.trial_id in self._checked:
+                continue
+            self._checked.add(trial.trial_id)
+            handed = trial.latest_checkpoint_result
+            if handed is None:
+                continue
+            try:
+                stand_in = rotated_checkpoint_stand_in(handed, trial.storage)
+            except Exception:  # noqa: BLE001 - storage unreachable: Ray's restore decides
+                continue
+            if stand_in is not handed:
+                trial.run_metadata.checkpoint_manager._latest_checkpoint_result = stand_in
+                trial.run_metadata.invalidate_cache()
+                trial.invalidate_json_state()
+
+
+def rotated_checkpoint_stand_in(handed, storage):
+    """What a trial should be restored from for `handed` (Tune's _TrainingResult or a
+    Checkpoint): itself, unless it is one of the trial's own checkpoints (`storage`: the
+    trial's StorageContext) that no longer exists; then the oldest later one holding both files."""
+    import pyarrow.fs
+
+    checkpoint = getattr(handed, "checkpoint", handed)
+    if not isinstance(checkpoint, tune.Checkpoint):
+        return handed
+    fs, trial_path = storage.storage_filesystem, storage.trial_fs_path.rstrip("/")
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    if parent != trial_path or fs.get_file_info(checkpoint.path).type != pyarrow.fs.FileType.NotFound:
+        return handed
+    gone = _checkpoint_index(name)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
+    later = sorted((_checkpoint_index(posixpath.basename(i.path)), i.path) for i in infos
+                   if i.type == pyarrow.fs.FileType.Directory and _checkpoint_index(posixpath.basename(i.path)) > gone)
+    for _, path in later:
+        files = fs.get_file_info([f"{path}/{STATE_FILE}", f"{path}/{REPORTS_FILE}"])
+        if all(f.type == pyarrow.fs.FileType.File for f in files):
+            log.warning("checkpoint %s is gone from storage; restoring from %s", checkpoint.path, path)
+            stand_in = tune.Checkpoint(path=path, filesystem=fs)
+            if handed is checkpoint:
+                return stand_in
+            return type(handed)(checkpoint=stand_in, metrics=handed.metrics)
+    return handed
 
 
 def is_own_checkpoint(checkpoint) -> bool:
