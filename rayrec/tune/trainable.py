@@ -328,7 +328,8 @@ class LostCheckpointStandIn(tune.Callback):
     """Driver side: before a trial (re)starts, make sure the checkpoint Tune will restore it
     from still exists; if one of the trial's own is gone, the oldest later one that holds both
     files stands in (`rotated_checkpoint_stand_in`), and the trial then continues from its
-    newest complete one (`restore_trial`). Checked once per trial and driver run.
+    newest complete one (`restore_trial`). Checked once per trial and driver run, when the
+    trial first appears (a new trial, or every trial of a resumed sweep at its first step).
 
     Tune's experiment state in storage can lag the trials' checkpoints by minutes: an upload
     of it started while storage was down blocks the next ones for as long as the client
@@ -339,13 +340,13 @@ class LostCheckpointStandIn(tune.Callback):
     """
 
     def __init__(self) -> None:
-        self._checked: set[str] = set()
+        self._seen = 0  # Tune's trial list only grows: each step looks at the trials new since the last
 
     def on_step_begin(self, iteration, trials, **info):
-        for trial in trials:
-            if trial.status != "PENDING" or trial.trial_id in self._checked:
+        new, self._seen = trials[self._seen:], len(trials)
+        for trial in new:
+            if trial.status != "PENDING":
                 continue
-            self._checked.add(trial.trial_id)
             handed = trial.latest_checkpoint_result
             if handed is None:
                 continue
