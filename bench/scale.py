@@ -44,8 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import load_average, print_machine  # noqa: E402
 from sweep_overhead import trial_timings  # noqa: E402
 
-# About one second per epoch on one core of this machine at 2,000 users (measured with
-# --calibrate); the dataset object is ~1 MB, so it goes through the object store.
+# 2,000 users: about 0.2 s an epoch on one core of this machine (2026-12-04); the issue's
+# trials of about a second an epoch are `--set data.synthetic_users=9000` (0.9-1.0 s). The
+# dataset object is 1-2 MB, so it goes through the object store.
 DATA = ["data.synthetic_users=2000", "data.synthetic_items=300", "data.synthetic_length=20"]
 MODEL = ["model.hidden=16", "model.blocks=1", "model.heads=1", "model.max_len=20", "train.batch_size=128",
          "train.eval_batch_size=1024"]
