@@ -6,8 +6,9 @@ Each size runs in a fresh process (so the driver's peak memory is its own): a
 `ray.cluster_utils.Cluster` with a head that has no CPUs and `--nodes` worker nodes of
 `--cpus-per-node` logical CPUs, then `run_sweep` (what `rayrec sweep` runs, with its
 one-line-per-trial progress printer) of N trials of a tiny SASRec on the synthetic data:
-random search over lr and dropout, FIFO, every trial `--epochs` epochs of about a second,
-one CPU each. Ray is started and the data loaded before the clock starts.
+random search over lr and dropout, FIFO, every trial `--epochs` epochs (0.2 s each at the
+default 2,000 users; `--set data.synthetic_users=9000` gives the issue's epochs of about a
+second), one CPU each. Ray is started and the data loaded before the clock starts.
 
 Printed per size, and as one table at the end:
 - driver CPU / trial CPU: the driver process's CPU seconds (all its threads: Tune's
