@@ -118,9 +118,14 @@ def train_trial(config, **kwargs):
 
     - `_fail_at_epoch`: the trial raises (a retry starts from the previous checkpoint);
     - `_kill_driver_at_epoch` with `_driver_pid`: SIGKILL the driver, after which the trial
-      still writes that epoch's checkpoint to storage, which the driver never records.
+      still writes that epoch's checkpoint to storage, which the driver never records;
+    - `_barrier` = "DIR:N": before its first report the trial waits (up to 60 s, else it
+      raises) until N trials have reached that point, so that N trials provably ran at once;
+    - `_epoch_pause_s`: the trial sleeps that long before each report (every attempt), so
+      that a test watching storage sees a sweep of tiny trials go by.
     """
     import signal
+    import time
 
     from ray import tune
 
@@ -129,12 +134,28 @@ def train_trial(config, **kwargs):
     fail_at = int(config.get("_fail_at_epoch") or 0)
     kill_at = int(config.get("_kill_driver_at_epoch") or 0)
     driver_pid = int(config.get("_driver_pid") or 0)
+    barrier = config.get("_barrier") or ""
+    pause = float(config.get("_epoch_pause_s") or 0)
     fresh = tune.get_checkpoint() is None and trainable.newest_own_state(None, "cpu") is None
-    if not fresh or not (fail_at or (kill_at and driver_pid)):
+    if not (barrier or pause or (fresh and (fail_at or (kill_at and driver_pid)))):
         return trainable.train_trial(config, **kwargs)
     report = tune.report
 
+    def wait_at_barrier():
+        folder, count = barrier.rsplit(":", 1)
+        open(os.path.join(folder, tune.get_context().get_trial_id()), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(folder)) < int(count):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(os.listdir(folder))} of {count} trials ran at once (test hook)")
+            time.sleep(0.05)
+
     def hooked_report(metrics, *args, **kw):
+        time.sleep(pause)
+        if barrier and metrics.get("epoch") == 1:
+            wait_at_barrier()
+        if not fresh:
+            return report(metrics, *args, **kw)
         if metrics.get("epoch") == fail_at:
             raise RuntimeError(f"injected failure at epoch {fail_at} (test hook)")
         if kill_at and metrics.get("epoch") == kill_at:

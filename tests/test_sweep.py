@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, TINY, failing_trainable, tiny_space, wait_for_ray_idle, wait_until
 from rayrec.config import build_config
+from rayrec.experiment import REPORTS_FILE
 from rayrec.storage import read_parquet
 from rayrec.tune.sweep import SweepOptions, run_sweep
 
@@ -166,8 +167,15 @@ def test_failed_trial_is_retried_from_its_checkpoint(ray_session, tmp_path, tiny
 
 def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_session, tmp_path, tiny_data):
     space = tiny_space(tmp_path, {"train.lr": LR})
+    # Each trial waits after its first epoch until all four are running (conftest's barrier),
+    # so a trial that could not get its quarter of the GPU fails the sweep.
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     result = sweep(tmp_path, tiny_data, space=space, name="pack", search="random", scheduler="fifo",
-                   num_samples=4, max_epochs=3, gpus_per_trial=0.25, evaluate_test=False)
+                   num_samples=4, max_epochs=3, gpus_per_trial=0.25, evaluate_test=False, max_failures=0,
+                   extra_space={"_barrier": f"{barrier}:4"}, trial_function=failing_trainable())
+    assert (result.trials["status"] == "finished").all(), result.trials[["status", "error"]]
+    assert len(os.listdir(barrier)) == 4
     history = result.history
     assert set(history["gpu_ids"].astype(str)) == {"0"}
     spans = history.groupby("trial_id").agg(start=("trial_started", "min"), end=("reported_at", "max"))
@@ -176,25 +184,30 @@ def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_session, tmp_path, tiny
 
 
 def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_path):
-    # Six trials, killed once two have finished: the driver's files reach storage at its
-    # snapshots, a few seconds behind the trials, and with four tiny trials the driver had
-    # sometimes finished them all before the test saw two.
+    # Six trials, killed once two have finished (their last checkpoints are on storage). Each
+    # epoch pauses 0.3 s (conftest's hook): tiny trials on reused actors otherwise go by
+    # faster than the test can watch, and the driver had sometimes finished them all first.
     space = tiny_space(tmp_path, {"train.lr": LR})
     storage = tmp_path / "sweeps"
-    address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "rayrec", "sweep", "sasrec", "--space", space, "--name", "killed",
-           "--storage", str(storage), "--search", "random", "--scheduler", "fifo", "--num-samples", "6",
-           "--max-epochs", "4", "--max-concurrent", "1", "--cpus-per-trial", "1", "--wandb", "off",
-           "--address", address, "--no-test"]
-    for s in TINY:
-        cmd += ["--set", s]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    hooks = {"_epoch_pause_s": 0.3}
+    script = (
+        f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from conftest import failing_trainable\n"
+        "from rayrec.tune.sweep import SweepOptions, run_sweep\n"
+        f"run_sweep(SweepOptions(model='sasrec', name='killed', storage={str(storage)!r}, space={space!r},"
+        f" sets={TINY!r}, search='random', scheduler='fifo', num_samples=6, max_epochs=4, max_concurrent=1,"
+        f" cpus_per_trial=1, wandb='off', verbose=0, evaluate_test=False,"
+        f" address={ray_session.get_runtime_context().gcs_address!r}, extra_space={hooks!r}),"
+        " trial_function=failing_trainable())\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     experiment = storage / "killed"
     deadline = time.time() + 240
     finished: set[str] = set()
     try:
         while time.time() < deadline and len(finished) < 2:
-            time.sleep(0.5)
+            time.sleep(0.2)
             finished = _finished_trials(experiment, max_epochs=4)
             assert driver.poll() is None, "driver exited before it could be killed"
     finally:
@@ -204,7 +217,8 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
     wait_for_ray_idle(ray_session)
 
     result = run_sweep(SweepOptions(name="killed", storage=str(storage), resume=True, wandb="off", verbose=0,
-                                    cpus_per_trial=1, evaluate_test=False))
+                                    cpus_per_trial=1, evaluate_test=False, extra_space=hooks),
+                       trial_function=failing_trainable())
     trials = result.trials
     assert len(trials) == 6
     assert (trials["status"] == "finished").all()
@@ -330,18 +344,18 @@ def test_interrupted_sweep_is_exported_as_partial_and_a_complete_one_is_not_resu
 
 
 def _finished_trials(experiment, max_epochs: int) -> set[str]:
+    """Trials whose last checkpoint is on storage: written by the trial itself, ahead of the
+    driver's files (result.json, the experiment state), which reach storage at its snapshots."""
     import json
 
     done = set()
-    if not experiment.exists():
-        return done
-    for trial_dir in experiment.glob("train_trial_*"):
-        result_file = trial_dir / "result.json"
-        if not result_file.exists():
-            continue
-        lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        if lines and lines[-1].get("epoch") == max_epochs:
-            done.add(lines[-1]["trial_id"])
+    for reports_file in experiment.glob(f"train_trial_*/checkpoint_*/{REPORTS_FILE}"):
+        try:
+            reports = json.loads(reports_file.read_text())
+        except (OSError, ValueError):
+            continue  # being written, or rotated out while we looked
+        if reports and reports[-1].get("epoch") == max_epochs:
+            done.add(reports[-1]["trained_by"])
     return done
 
 
@@ -352,7 +366,6 @@ def test_history_gets_back_epochs_only_the_checkpoint_remembers(tmp_path):
 
     from ray import tune
 
-    from rayrec.experiment import REPORTS_FILE
     from rayrec.tune.export import _with_checkpoint_reports
 
     ckpt = tmp_path / "checkpoint_000002"
@@ -429,8 +442,45 @@ def test_snapshot_cadence_keeps_to_its_budget_above_rayrecs_floor(monkeypatch):
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")
     adaptive_snapshots(min_period=0.0)
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "auto")
     assert not _ExperimentCheckpointManager(storage=None, checkpoint_period="7").auto_checkpoint_enabled
 
+
+
+def test_snapshot_budget_counts_the_upload_of_the_drivers_files(monkeypatch, tmp_path):
+    """Each snapshot starts an upload of the driver's directory (every trial's result files):
+    its measured seconds join the snapshot's in the 5% budget, and an upload stuck behind a
+    storage outage stretches the period to 300 s at most."""
+    import pyarrow.fs
+    from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from rayrec.tune.tuner import adaptive_snapshots
+
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    adaptive_snapshots(min_period=0.0)
+    local = tmp_path / "driver"
+    for i in range(200):
+        (local / f"trial_{i}").mkdir(parents=True)
+        (local / f"trial_{i}" / "result.json").write_text('{"epoch": 1}\n' * 50)
+    syncer = _FilesystemSyncer(storage_filesystem=pyarrow.fs.LocalFileSystem())
+    assert syncer.sync_up(str(local), str(tmp_path / "storage"))
+    syncer.wait()
+    assert (tmp_path / "storage" / "trial_199" / "result.json").read_text() == '{"epoch": 1}\n' * 50
+    upload_s = syncer._rayrec_upload_s
+    assert upload_s > 0
+
+    class Storage:  # what the manager reads of Ray's StorageContext
+        pass
+
+    storage = Storage()
+    storage.syncer = syncer
+    manager = _ExperimentCheckpointManager(storage=storage, checkpoint_period="auto")
+    manager._update_auto_checkpoint_time(0.01)
+    assert manager._checkpoint_period == pytest.approx(19 * (0.01 + upload_s))
+    syncer._rayrec_upload_s = 196.0  # an upload that waited out a storage outage
+    manager._update_auto_checkpoint_time(0.01)
+    assert manager._checkpoint_period == 300.0
 
 
 def test_time_budget_ends_the_sweep_as_complete_with_the_trials_it_made(ray_session, tmp_path, tiny_data):

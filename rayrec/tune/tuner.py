@@ -144,7 +144,10 @@ def fit_sweep(plan: Plan, data, reuse_actors: bool = True, trial_function=None) 
 # finished does not rerun it; a large one is snapshotted as often as 5% of the time allows.
 # Whatever a late snapshot misses is not lost: a trial resumed after its last checkpoint
 # re-reports the epochs Tune never saw and trains nothing twice (trainable.restore_trial).
-SNAPSHOT_BUDGET = 0.05  # fraction of the driver's time spent writing snapshots
+SNAPSHOT_BUDGET = 0.05  # fraction of the driver's time spent writing and uploading snapshots
+# An upload stuck behind a storage outage must not stretch the period for good: Ray's own
+# default period for syncing the driver's files is 300 s.
+MAX_SNAPSHOT_PERIOD_S = 300.0
 
 
 def adaptive_snapshots(min_period: float) -> None:
@@ -159,17 +162,55 @@ def adaptive_snapshots(min_period: float) -> None:
 
     def update(self, time_taken: float) -> None:
         if self._auto_checkpoint_enabled:
-            self._checkpoint_period = max(_ExperimentCheckpointManager._rayrec_floor,
-                                          time_taken * (1 / SNAPSHOT_BUDGET - 1))
+            # Each snapshot also starts an upload of the whole driver directory (every trial's
+            # result files), in the background: it counts against the budget too.
+            upload_s = getattr(getattr(self._storage, "syncer", None), "_rayrec_upload_s", 0.0)
+            period = (time_taken + upload_s) * (1 / SNAPSHOT_BUDGET - 1)
+            self._checkpoint_period = min(max(_ExperimentCheckpointManager._rayrec_floor, period), MAX_SNAPSHOT_PERIOD_S)
 
     _ExperimentCheckpointManager._rayrec_floor = min_period
     _ExperimentCheckpointManager._update_auto_checkpoint_time = update
-    # Tune also forces a snapshot whenever a trial has written `num_to_keep` checkpoints since
-    # the last one (with a forced sync of the driver's files, result.json included, to
-    # storage). Dropping it cut the driver's CPU at 1,000 trials from 242 to 107 s, but then
-    # storage saw the trials' result files only every sync period (minutes) instead of within
-    # seconds (the killed-driver test, which watches them, failed 2 of 3 runs; 2026-12-03
-    # night): kept. The driver cost stays 0.26 at 1,000 tiny trials.
+    _time_uploads()
+    # Tune also forces a snapshot, and waits for its upload, whenever any trial has written
+    # `num_to_keep` checkpoints since the last one, so that the state never names a checkpoint
+    # already rotated out. On a large sweep that is several O(trials) snapshots and uploads of
+    # the whole driver directory a second: with it the driver cost 0.127 of the trials' CPU at
+    # 1,000 trials (bench/scale.py, docs/benchmarks.md). rayrec does not need it: a trial
+    # resumes from its own newest checkpoint when the one the state names is gone
+    # (LostCheckpointStandIn, trainable.newest_own_state), and every checkpoint carries its
+    # lineage's reports, so a lagging state loses no epoch (export._with_checkpoint_reports).
+    _ExperimentCheckpointManager.on_trial_checkpoint = _no_forced_snapshot
+
+
+def _no_forced_snapshot(self, trial) -> None:
+    """Replaces _ExperimentCheckpointManager.on_trial_checkpoint (see adaptive_snapshots)."""
+
+
+def _time_uploads() -> None:
+    """Make Tune's experiment syncer record how long its last upload took (`_rayrec_upload_s`,
+    wall seconds), for the snapshot budget."""
+    import time
+
+    from ray.train._internal.storage import _FilesystemSyncer
+
+    if getattr(_FilesystemSyncer, "_rayrec_timed", False):
+        return
+    command = _FilesystemSyncer._sync_up_command
+
+    def timed_command(self, local_path, uri, exclude=None):
+        upload, kwargs = command(self, local_path=local_path, uri=uri, exclude=exclude)
+
+        def timed(**kw):
+            start = time.monotonic()
+            try:
+                return upload(**kw)
+            finally:
+                self._rayrec_upload_s = time.monotonic() - start
+
+        return timed, kwargs
+
+    _FilesystemSyncer._sync_up_command = timed_command
+    _FilesystemSyncer._rayrec_timed = True
 
 
 # Tune's per-trial state, which every snapshot writes for every trial, was about 43 KB a
