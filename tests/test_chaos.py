@@ -4,6 +4,7 @@ campaign's invariant checker (bench/chaos.py) passes on a small campaign with a 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pyarrow.fs
@@ -109,3 +110,23 @@ def test_a_sweep_whose_driver_was_killed_passes_the_chaos_invariants(ray_session
     assert {r["invariant"] for r in report["invariants"]} >= {"trials lost or unfinished", "epochs trained twice",
                                                                "partial checkpoints loaded"}
     assert report["figures"]["trials"] == 3 and report["figures"]["epochs_reported"] == 12, text
+
+
+def test_checkpoint_staging_left_by_a_killed_trial_process_is_removed_by_the_next_one(tmp_path):
+    """A trial process SIGKILLed between staging a checkpoint and Ray's upload leaves its staging
+    directory behind; the next trial process on the machine removes those whose process is
+    gone, and nothing else."""
+    import subprocess
+
+    from rayrec.tune.trainable import STAGING_PREFIX, remove_orphaned_staging
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    orphan = tmp_path / f"{STAGING_PREFIX}{gone.pid}-k3j_x9"
+    mine = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-a8f2qz"
+    other = tmp_path / f"{STAGING_PREFIX}notapid"
+    for d in (orphan, mine, other):
+        d.mkdir()
+        (d / "trainer.pt").write_bytes(b"x" * 1000)
+    assert remove_orphaned_staging(str(tmp_path)) == [orphan.name]
+    assert not orphan.exists() and mine.exists() and other.exists()

@@ -240,6 +240,28 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
     assert set(resumed["trial_id"]).isdisjoint(finished)
 
 
+def test_a_driver_killed_after_its_last_trial_but_before_export_is_resumed_to_a_complete_sweep(ray_session, tmp_path, tiny_data):
+    """Every trial had finished and Tune's state said so, but the driver died before the export
+    (found by bench/chaos.py: Tune then runs no step, and the resume exported every trial as
+    interrupted, for ever). The resume exports the sweep complete, and retrains nothing."""
+    from rayrec.experiment import BEST_FILE, HISTORY_FILE, SUMMARY_FILE, TRIALS_FILE
+
+    space = tiny_space(tmp_path, {"train.lr": LR})
+    first = sweep(tmp_path, tiny_data, space=space, name="unexported", search="random", scheduler="fifo",
+                  num_samples=2, max_epochs=2, evaluate_test=False)
+    assert not first.status.partial
+    experiment = tmp_path / "sweeps" / "unexported"
+    for name in (SUMMARY_FILE, BEST_FILE, TRIALS_FILE, HISTORY_FILE):  # what the kill left unwritten
+        (experiment / name).unlink()
+    again = run_sweep(SweepOptions(name="unexported", storage=str(tmp_path / "sweeps"), resume=True, wandb="off",
+                                   verbose=0, cpus_per_trial=0.5, evaluate_test=False), data=tiny_data)
+    assert not again.status.partial and again.status.trials_finished == 2
+    assert (again.trials["status"] == "finished").all()
+    assert again.history.groupby("trial_id")["trained_pid"].nunique().eq(1).all()
+    pd.testing.assert_frame_equal(again.history[first.history.columns], first.history)
+    assert "partial" not in (experiment / SUMMARY_FILE).read_text().split("status:")[1].splitlines()[0]
+
+
 def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_session, tmp_path):
     """The trial SIGKILLs its driver just before writing its epoch-2 checkpoint: storage holds
     the checkpoint, the driver's experiment state does not. The resumed sweep must take the

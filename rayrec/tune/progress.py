@@ -78,5 +78,9 @@ class StoppedTrials(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.paths.add(trial.path)
 
+    def on_experiment_end(self, trials, **info):
+        if self._first_step:  # no step ran: every trial had stopped before this resume
+            self.on_step_begin(0, trials)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self.paths.add(trial.path)

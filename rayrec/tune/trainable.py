@@ -164,12 +164,53 @@ def epoch_metrics(trainer: Trainer, record: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+# A checkpoint is written to a local staging directory, which Ray then uploads. A trial process
+# killed meanwhile (SIGKILL, a lost node coming back) leaves its directory behind, one
+# checkpoint's size each (59 piled up in /tmp over a day of tests and chaos campaigns here), so
+# the directory names its process and the next trial process on the machine removes the ones
+# whose process is gone.
+STAGING_PREFIX = "rayrec-ckpt-"
+_staging_checked = False
+
+
+def remove_orphaned_staging(root: str | None = None) -> list[str]:
+    """Delete checkpoint staging directories under `root` (the temp dir) left by processes that
+    no longer exist; once per process unless `root` is given. Returns what it removed."""
+    global _staging_checked
+    if root is None:
+        if _staging_checked:
+            return []
+        _staging_checked = True
+    import shutil
+
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        match = re.fullmatch(rf"{STAGING_PREFIX}(\d+)-\w+", name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _report(trainer: Trainer, metrics: dict[str, Any], reports: list[dict[str, Any]] | None) -> None:
     """tune.report; with `reports` (the lineage's reports so far) also a checkpoint holding them."""
     if reports is None:
         tune.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as d:
+    remove_orphaned_staging()
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as d:
         save_state(trainer.state_dict(), os.path.join(d, STATE_FILE))
         with open(os.path.join(d, REPORTS_FILE), "w") as fh:
             json.dump(reports, fh)
