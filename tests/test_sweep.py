@@ -464,7 +464,6 @@ def test_snapshot_cadence_keeps_to_its_budget_above_rayrecs_floor(monkeypatch):
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "7")
     adaptive_snapshots(min_period=0.0)
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "7"
-    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "auto")
     assert not _ExperimentCheckpointManager(storage=None, checkpoint_period="7").auto_checkpoint_enabled
 
 

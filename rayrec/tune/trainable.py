@@ -79,6 +79,7 @@ def train_trial(config: dict[str, Any], data: SplitData | None = None, model: st
     """Ray Tune function trainable. `config` holds dotted config keys sampled by the searcher
     (keys starting with '_' are not config: tests pass control values that way)."""
     started = time.time()
+    remove_orphaned_staging()
     device, gpu_ids = trial_device()
     cfg = resolve_trial_config(model, base or {}, config, trial_threads(cpus_per_trial), device)
     torch.set_num_threads(cfg.train.num_threads)
@@ -168,19 +169,13 @@ def epoch_metrics(trainer: Trainer, record: dict[str, Any]) -> dict[str, Any]:
 # killed meanwhile (SIGKILL, a lost node coming back) leaves its directory behind, one
 # checkpoint's size each (59 piled up in /tmp over a day of tests and chaos campaigns here), so
 # the directory names its process and the next trial process on the machine removes the ones
-# whose process is gone.
+# whose process is gone (at the start of each trial).
 STAGING_PREFIX = "rayrec-ckpt-"
-_staging_checked = False
 
 
 def remove_orphaned_staging(root: str | None = None) -> list[str]:
-    """Delete checkpoint staging directories under `root` (the temp dir) left by processes that
-    no longer exist; once per process unless `root` is given. Returns what it removed."""
-    global _staging_checked
-    if root is None:
-        if _staging_checked:
-            return []
-        _staging_checked = True
+    """Delete checkpoint staging directories under `root` (default: the temp dir) left by
+    processes that no longer exist. Returns what it removed."""
     import shutil
 
     root = root or tempfile.gettempdir()
@@ -209,7 +204,6 @@ def _report(trainer: Trainer, metrics: dict[str, Any], reports: list[dict[str, A
     if reports is None:
         tune.report(metrics)
         return
-    remove_orphaned_staging()
     with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as d:
         save_state(trainer.state_dict(), os.path.join(d, STATE_FILE))
         with open(os.path.join(d, REPORTS_FILE), "w") as fh:
