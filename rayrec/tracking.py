@@ -15,6 +15,14 @@ One integration, Ray's WandbLoggerCallback (subclassed here, not duplicated):
   Sweeps view shows it. Offline that is impossible: `wandb.sweep` is a server call, and an
   offline run carrying a sweep id that the server never issued could not be synced.
 
+A trial's logging actor belongs to the driver, so a driver killed mid-sweep takes its actors
+down with it, often before their runs are on disk (a tiny trial outruns an actor's start and
+`wandb.init`), and a resume does not run again the trials that had finished. So an actor marks
+its run directory complete (RUN_RECORD: the epochs it holds) once wandb has flushed it, and the
+driver that completes the sweep logs every trial whose complete runs miss epochs again, from
+the sweep's history, in place of its incomplete runs (`complete_trial_runs`, offline only).
+The driver numbers what it hands a logging actor, which takes it in that order (`_InOrder`).
+
 W&B never fails or hangs a sweep: setup, logging and finishing errors become one warning;
 a logging actor whose `wandb.init` fails drains its queue and ends with its trial; the wait
 for uploads at the end is bounded (RAYREC_WANDB_TIMEOUT_S, default 60 s) and so is the
@@ -26,6 +34,7 @@ experiment directory (tuner.pkl).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -113,16 +122,7 @@ def sweep_callbacks(plan: Any) -> list:
     mode = wandb_mode(plan.options.wandb)
     if mode == "off":
         return []
-    init: dict[str, Any] = {
-        "mode": mode,
-        "tags": tags(plan),
-        "job_type": "trial",
-        "resume": "allow",  # a resumed or retried trial continues its run instead of clashing with it
-    }
-    if os.environ.get("WANDB_ENTITY"):
-        init["entity"] = os.environ["WANDB_ENTITY"]
-    # Logging actors run on this node but do not inherit the driver's environment (WANDB_DIR).
-    init["dir"] = wandb_dir(plan)
+    init = _trial_run_settings(plan, mode)
     staging = os.path.join(init["dir"], "wandb")
     if _is_staging(plan) and not plan.options.resume and os.path.isdir(staging):
         import shutil
@@ -134,6 +134,21 @@ def sweep_callbacks(plan: Any) -> list:
             init["settings"] = {"sweep_id": sweep_id}
     return [_callback_class()(project=project(), group=plan.name, log_config=True, upload_checkpoints=False,
                               upload_timeout=int(TIMEOUT_S), **init)]
+
+
+def _trial_run_settings(plan: Any, mode: str) -> dict[str, Any]:
+    """wandb.init arguments every trial's run shares (besides project, group, id, name, config)."""
+    init: dict[str, Any] = {
+        "mode": mode,
+        "tags": tags(plan),
+        "job_type": "trial",
+        "resume": "allow",  # a resumed or retried trial continues its run instead of clashing with it
+    }
+    if os.environ.get("WANDB_ENTITY"):
+        init["entity"] = os.environ["WANDB_ENTITY"]
+    # Logging actors run on this node but do not inherit the driver's environment (WANDB_DIR).
+    init["dir"] = wandb_dir(plan)
+    return init
 
 
 def __getattr__(name: str):
@@ -154,16 +169,25 @@ def _callback_class():
     from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log, _QueueItem, _WandbLoggingActor
 
     class _SafeWandbActor(_WandbLoggingActor):
-        """Ray's logging actor; a failed wandb.init drains the trial's queue instead of failing."""
+        """Ray's logging actor, taking the trial's items in the driver's order (_InOrder); a
+        failed wandb.init drains the queue instead of failing; a run that wandb finished and
+        flushed, every result at a higher step than the one before, gets its RUN_RECORD."""
 
         def __init__(self, *args, _rayrec_api_key: str | None = None, **kwargs):
             if _rayrec_api_key:
                 os.environ["WANDB_API_KEY"] = _rayrec_api_key
             super().__init__(*args, **kwargs)
+            self.queue = _InOrder(self.queue)
+            self._run_dir: str | None = None
+            self._epochs: set[int] = set()
+            self._last_step: float | None = None
+            self._steps_rose = True  # every result's step above the one before: wandb kept them all
 
         def run(self):
+            complete = False
             try:
                 super().run()
+                complete = True
             except Exception as exc:  # noqa: BLE001 - W&B must not fail the trial or the sweep
                 logging.getLogger("rayrec.tracking").warning(
                     "W&B: run %s not logged: %s", self._trial_name, error_line(exc))
@@ -175,7 +199,26 @@ def _callback_class():
                 try:
                     self._wandb.teardown()
                 except Exception:  # noqa: BLE001
+                    complete = False
+            if complete and self._steps_rose and self._run_dir:
+                try:
+                    write_run_record(self._run_dir, self.kwargs.get("id"), self.kwargs.get("group"), self._epochs)
+                except OSError:  # the run counts as cut short: logged again at the end (complete_trial_runs)
                     pass
+
+        def _handle_result(self, result):
+            if self._run_dir is None and self._wandb.run is not None:
+                self._run_dir = os.path.dirname(self._wandb.run.dir)  # run.dir is the run's files/
+            if isinstance(result.get("epoch"), (int, float)):
+                self._epochs.add(int(result["epoch"]))
+            # Ray logs a result at step = its training_iteration; wandb ignores a step below the
+            # run's current one and merges one equal to it into that row (a PBT exploit of a
+            # donor behind): such a run does not hold its epochs as reported.
+            step = result.get("training_iteration")
+            if isinstance(step, (int, float)):
+                self._steps_rose = self._steps_rose and (self._last_step is None or step > self._last_step)
+                self._last_step = step
+            return super()._handle_result(result)
 
     class _SafeWandbCallback(WandbLoggerCallback):
         _logger_actor_cls = _SafeWandbActor
@@ -188,6 +231,20 @@ def _callback_class():
             # Ray's setup checks for an API key even offline unless WANDB_MODE is set in the
             # environment; rayrec checked the key already (wandb_mode).
             self.api_key_file = None
+
+        def _put(self, trial, item, wait: bool) -> None:
+            """Hand `item` to the trial's logging actor, numbered for `_InOrder`; without waiting
+            unless `wait`. The count lives on the queue: a trial's new queue starts at 0."""
+            queue = self._trial_queues[trial]
+            number = getattr(queue, "_rayrec_items", 0)
+            queue._rayrec_items = number + 1
+            if wait:
+                queue.put((number, item))
+            else:
+                queue.actor.put.remote((number, item), None)
+
+        def _signal_logging_actor_stop(self, trial):
+            self._put(trial, (_QueueItem.END, None), wait=True)
 
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
             if not self._remote_logger_class:
@@ -221,9 +278,10 @@ def _callback_class():
         def log_trial_result(self, iteration, trial, result):
             # Ray's version hands the result to the trial's queue actor with Queue.put, which
             # waits (ray.get) until that actor has it: on the driver, between results, and for
-            # seconds while a new trial's actors start ("on_trial_result took 1.3 s"). The
-            # actor takes calls from this driver in order, so submitting without waiting keeps
-            # the order and the END marker (sent with a waiting put) still comes last.
+            # seconds while a new trial's actors start ("on_trial_result took 1.3 s"). Submitted
+            # without waiting instead, and numbered: the queue actor is asynchronous, so Ray may
+            # run those calls out of order, and the logging actor takes the items in their
+            # numbers' order (_InOrder), the END marker last.
             if self._failed:
                 return
             try:
@@ -232,7 +290,7 @@ def _callback_class():
                 if trial not in self._trial_queues:
                     return  # log_trial_start failed and said so
                 result = _clean_log(result, video_kwargs=self.video_kwargs, image_kwargs=self.image_kwargs)
-                self._trial_queues[trial].actor.put.remote((_QueueItem.RESULT, result), None)
+                self._put(trial, (_QueueItem.RESULT, result), wait=False)
             except Exception as exc:  # noqa: BLE001 - W&B must not fail the sweep
                 self._failed = True
                 log.warning("W&B: logging stopped after an error (%s); the sweep goes on", error_line(exc))
@@ -254,6 +312,25 @@ def _callback_class():
         cls.__qualname__ = cls.__name__  # importable by name, so pickles refer to it
         globals()[cls.__name__] = cls
     return _SafeWandbCallback
+
+
+class _InOrder:
+    """A trial's Ray Queue, whose items the driver numbers (`(n, item)`), handed out in the
+    numbers' order. Ray's queue actor is asynchronous, so calls that the driver did not wait
+    for can run out of order: a result landing after a later one is dropped by wandb (its step
+    is below the run's), and one landing after the END marker is never read."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+        self._next = 0
+        self._early: dict[int, Any] = {}
+
+    def get(self) -> Any:
+        while self._next not in self._early:
+            number, item = self.queue.get()
+            self._early[number] = item
+        self._next += 1
+        return self._early.pop(self._next - 1)
 
 
 # --- the sweep as one unit: W&B sweep and summary run ----------------------------------------
@@ -310,7 +387,8 @@ def log_sweep_summary(plan: Any, result: Any) -> str | None:
     """Log the best config and metrics as a `summary` run in the sweep's group; never raises.
 
     Runs in a Ray task on this node, so a W&B that hangs is abandoned after TIMEOUT_S and
-    wandb's process-wide state never touches the driver. Then the sweep's offline files are
+    wandb's process-wide state never touches the driver. Trial runs that a killed driver cut
+    short are logged again first (`complete_trial_runs`). Then the sweep's offline files are
     copied next to its results (`<experiment>/wandb/`) when those live in object storage.
     Returns the summary run id, or None.
     """
@@ -320,6 +398,7 @@ def log_sweep_summary(plan: Any, result: Any) -> str | None:
         return None
     if mode == "off":
         return None
+    complete_trial_runs(plan, result, mode)
     run_id = None
     try:
         if result.best:
@@ -403,19 +482,24 @@ def publish_wandb_files(plan: Any) -> None:
 def _await_summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None,
                        table_key: str) -> bool:
     """Run `_summary_run` as a Ray task on this node, waiting at most TIMEOUT_S; False if abandoned."""
+    what = "summary run" if table_key == "trials" else f"{table_key} run"
+    return _on_this_node(_summary_run, (init, summary, table, api_key, table_key), what)[0]
+
+
+def _on_this_node(fn, args: tuple, what: str) -> tuple[bool, Any]:
+    """fn(*args) as a Ray task on this node, waited for at most TIMEOUT_S: (False, None) when
+    abandoned (one warning), else (True, its result); its error is raised here."""
     import ray
     from ray.air.util.node import _force_on_current_node
 
-    task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(_summary_run)
-    ref = task.remote(init, summary, table, api_key, table_key)
+    task = ray.remote(num_cpus=0, max_retries=0, **_force_on_current_node())(fn)
+    ref = task.remote(*args)
     done, _ = ray.wait([ref], timeout=TIMEOUT_S)
     if not done:
         ray.cancel(ref, force=True)
-        log.warning("W&B: %s run did not finish within %.0f s; abandoned", "summary" if table_key == "trials"
-                    else table_key, TIMEOUT_S)
-        return False
-    ray.get(ref)
-    return True
+        log.warning("W&B: %s did not finish within %.0f s; abandoned", what, TIMEOUT_S)
+        return False, None
+    return True, ray.get(ref)
 
 
 def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str, list], api_key: str | None,
@@ -435,6 +519,153 @@ def _summary_run(init: dict[str, Any], summary: dict[str, Any], table: dict[str,
         run.finish()
         wandb.teardown()  # flush before this task returns (finish alone leaves it to process exit)
     return run.dir
+
+
+# --- trial runs that a killed driver cut short -----------------------------------------------
+# In a run directory, written once wandb has flushed the run: {"id", "group", "epochs"}.
+RUN_RECORD = "rayrec-run.json"
+# Ray names a trial's run after the trial, `<trainable>_<trial id>`; rayrec's trainable is
+# rayrec.tune.trainable.train_trial.
+TRIAL_RUN_NAME = "train_trial_{}"
+
+
+def write_run_record(run_dir: str, run_id: str | None, group: str | None, epochs) -> None:
+    """Mark a W&B run directory complete: wandb has flushed it, and it holds these epochs."""
+    tmp = os.path.join(run_dir, f".{RUN_RECORD}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"id": run_id, "group": group, "epochs": sorted(int(e) for e in epochs)}, fh)
+    os.replace(tmp, os.path.join(run_dir, RUN_RECORD))
+
+
+def read_run_record(run_dir: str) -> dict[str, Any]:
+    """A run directory's RUN_RECORD; {} when it has none (a run cut short, or not a trial's)."""
+    try:
+        with open(os.path.join(run_dir, RUN_RECORD)) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def complete_trial_runs(plan: Any, result: Any, mode: str) -> list[str]:
+    """Offline: every trial whose complete runs (those with a RUN_RECORD) miss some of its epochs
+    is logged again, as one run holding its whole history. In the sweep's own W&B folder (not in
+    $WANDB_DIR, which other sweeps share) that run replaces the trial's others, and the cut-short
+    runs of the other trials go. Returns the ids of the trials logged again; never raises.
+
+    A trial's logging actor dies with the driver. A driver killed mid-sweep leaves the runs of
+    trials that Tune had recorded as finished cut short, or missing when the actor was still
+    starting, and a resume does not run those trials again; a trial it resumes logs only the
+    epochs after its checkpoint. The sweep's history holds every epoch of every trial.
+    """
+    history = getattr(result, "history", None)
+    if mode != "offline" or history is None or not len(history) or "epoch" not in history:
+        return []
+    runs: dict[str, dict[str, set[int] | None]] = {}
+    specs: list[dict[str, Any]] = []
+    logged: dict[str, str] = {}
+    try:
+        runs = _trial_runs(os.path.join(wandb_dir(plan), "wandb"), plan.name)
+        configs = _sampled_configs(result.trials)
+        history = history[history["epoch"].notna()]
+        for trial_id, rows in history.groupby("trial_id", sort=True):
+            held = set().union(*(e for e in runs.get(str(trial_id), {}).values() if e is not None))
+            if not {int(e) for e in rows["epoch"]} <= held:
+                specs.append(_trial_run_spec(str(trial_id), rows, configs.get(str(trial_id), {})))
+        if specs:
+            init = {**_trial_run_settings(plan, mode), "project": project(), "group": plan.name}
+            logged = _on_this_node(_log_trial_runs, (init, specs), f"logging {len(specs)} trial runs again")[1] or {}
+    except Exception as exc:  # noqa: BLE001 - W&B must not fail the sweep
+        log.warning("W&B: trial runs cut short not logged again (%s)", error_line(exc))
+    if logged:
+        log.info("W&B: runs of %d trials were cut short (a killed driver?); logged again from the sweep's history: %s",
+                 len(logged), ", ".join(sorted(logged)))
+    if not os.environ.get("WANDB_DIR"):
+        import shutil
+
+        unlogged = {spec["id"] for spec in specs} - set(logged)  # what their runs hold is all there is
+        for trial_id in {str(t) for t in history["trial_id"]} - unlogged:
+            new = logged.get(trial_id)
+            for path, epochs in runs.get(trial_id, {}).items():
+                # Logged again: that run replaces the trial's others. Else its complete runs hold
+                # every epoch, and a cut-short one (maybe without even a transaction log) goes.
+                superseded = os.path.realpath(path) != os.path.realpath(new) if new else epochs is None
+                if superseded:
+                    shutil.rmtree(path, ignore_errors=True)
+    return sorted(logged)
+
+
+def _trial_runs(folder: str, group: str) -> dict[str, dict[str, set[int] | None]]:
+    """Run id -> {its offline run directory in `folder`: the epochs it holds, None when it was
+    cut short (no RUN_RECORD of `group`)}."""
+    found: dict[str, dict[str, set[int] | None]] = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        parts = name.split("-", 3)  # offline-run-<YYYYMMDD_HHMMSS>-<run id>
+        path = os.path.join(folder, name)
+        if len(parts) < 4 or parts[:2] != ["offline", "run"] or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        record = read_run_record(path)
+        complete = record.get("id") == parts[3] and record.get("group") == group
+        found.setdefault(parts[3], {})[path] = {int(e) for e in record.get("epochs") or []} if complete else None
+    return found
+
+
+def _sampled_configs(trials) -> dict[str, dict[str, Any]]:
+    """Trial id -> its sampled config (trials.parquet's `config/` columns)."""
+    from rayrec.storage import plain
+
+    configs = {}
+    for row in plain(trials.to_dict("records")) if trials is not None and "trial_id" in trials else []:
+        configs[str(row["trial_id"])] = {k[len("config/"):]: v for k, v in row.items()
+                                         if k.startswith("config/") and _finite_or_text(v)}
+    return configs
+
+
+def _trial_run_spec(trial_id: str, rows, config: dict[str, Any]) -> dict[str, Any]:
+    """What `_log_trial_runs` logs for one trial: its run's id, name and config (with the keys
+    Ray's logging actor puts there), and each epoch's numbers."""
+    from rayrec.storage import plain
+
+    to_config = set(_callback_class().AUTO_CONFIG_KEYS)
+    records = [plain(r) for r in rows.sort_values("epoch").to_dict("records")]
+    config = {**config, **{k: records[-1][k] for k in to_config if _finite_or_text(records[-1].get(k))}}
+    history = [(int(r["epoch"]), {k: v for k, v in r.items() if k not in to_config and _finite_number(v)})
+               for r in records]
+    return {"id": trial_id, "name": TRIAL_RUN_NAME.format(trial_id), "config": config, "history": history}
+
+
+def _finite_number(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _finite_or_text(v: Any) -> bool:
+    return isinstance(v, str) or _finite_number(v)
+
+
+def _log_trial_runs(init: dict[str, Any], specs: list[dict[str, Any]]) -> dict[str, str]:
+    """Ray task: each spec (`_trial_run_spec`) as a new W&B run, every epoch at step = epoch,
+    with its RUN_RECORD once flushed; returns {trial id: run directory}."""
+    import wandb
+
+    os.makedirs(init["dir"], exist_ok=True)
+    logged: dict[str, tuple[str, list[int]]] = {}
+    try:
+        for spec in specs:
+            run = wandb.init(**init, id=spec["id"], name=spec["name"], config=spec["config"])
+            run_dir = os.path.dirname(run.dir)  # run.dir is the run's files/
+            try:
+                for epoch, metrics in spec["history"]:
+                    run.log(metrics, step=epoch)
+            finally:
+                run.finish()
+            logged[spec["id"]] = (run_dir, [epoch for epoch, _ in spec["history"]])
+    finally:
+        wandb.teardown()  # flush before this task returns (finish alone leaves it to process exit)
+    for run_id, (run_dir, epochs) in logged.items():
+        write_run_record(run_dir, run_id, init["group"], epochs)
+    return {run_id: run_dir for run_id, (run_dir, _) in logged.items()}
 
 
 def _bounded(fn, what: str, timeout: float | None = None):

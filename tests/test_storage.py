@@ -26,6 +26,7 @@ from rayrec.errors import UserError
 from rayrec.storage import check_writable, display, split_url, storage_environment
 from rayrec.tune.storage_handoff import pyarrow_filesystem
 from s3server import FOREIGN_S3_ENV, S3Server, free_port, s3_environment
+from wandb_offline import read_offline_run
 
 BUCKET = "rayrec-test"
 SECRET = "rayrec-test-secret-6b1f0c2a9e"
@@ -282,6 +283,13 @@ def test_sweep_on_s3_survives_a_killed_driver_and_its_best_checkpoint_loads_back
     # W&B's offline runs of both drivers (trials and summary) were copied next to the results.
     runs = {p.split("/")[-2].rsplit("-", 1)[-1] for p in fs.glob(f"{experiment}/wandb/offline-run-*/run-*.wandb")}
     assert set(trials["trial_id"]) <= runs and "summary" in runs, runs
+    # And every trial's runs there hold all its epochs, wherever the kill caught its logging actor
+    # (which dies with the driver: before wandb.init, or before its run was flushed).
+    fs.get(f"{experiment}/wandb/", str(tmp_path / "wandb"), recursive=True)
+    for trial_id in trials["trial_id"]:
+        logged = {row["epoch"] for run_dir in glob.glob(f"{tmp_path}/wandb/offline-run-*-{trial_id}")
+                  for row in read_offline_run(run_dir)["history"] if "epoch" in row}
+        assert logged == {1, 2, 3}, (trial_id, logged)
 
 
 def _last_result(fs, experiment: str, trial_id: str) -> dict:

@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 
 import pytest
@@ -15,7 +16,8 @@ from typer.testing import CliRunner
 from conftest import TINY, tiny_space
 from rayrec.cli import app
 from rayrec.errors import UserError
-from rayrec.tracking import sweep_callbacks, wandb_mode, wandb_sweep_config
+from rayrec.tracking import RUN_RECORD, complete_trial_runs, read_run_record, sweep_callbacks, wandb_mode, wandb_sweep_config
+from rayrec.tune.plan import plan_resume
 from rayrec.tune.sweep import SweepOptions, plan_sweep, run_sweep
 from wandb_offline import read_offline_run
 
@@ -84,6 +86,22 @@ def test_online_sweep_is_registered_once_as_a_wandb_sweep_and_runs_join_it(no_wa
     assert yaml.safe_load(open(tmp_path / "s" / "wb" / "wandb_sweep.yaml"))["sweep_id"] == "sw3ep1d"
 
 
+def test_a_logging_actor_takes_the_drivers_items_in_their_order():
+    """Ray's queue actor is asynchronous: results the driver handed over without waiting can
+    land out of order (wandb then drops a step below the run's) and after the END marker."""
+    from rayrec.tracking import _InOrder
+
+    class Landed:  # the driver's numbered items, in the order the queue actor ran its calls
+        def __init__(self, items: list) -> None:
+            self.items = items
+
+        def get(self):
+            return self.items.pop(0)
+
+    queue = _InOrder(Landed([(2, "epoch 3"), (3, "end"), (0, "epoch 1"), (1, "epoch 2")]))
+    assert [queue.get() for _ in range(4)] == ["epoch 1", "epoch 2", "epoch 3", "end"]
+
+
 @pytest.mark.ray
 def test_offline_sweep_logs_one_run_per_trial_and_a_summary_run(ray_session, no_wandb_env, monkeypatch, tmp_path):
     # A key in the driver's environment must not reach Ray's logs (Ray's own callback puts it in runtime_env).
@@ -109,6 +127,7 @@ def test_offline_sweep_logs_one_run_per_trial_and_a_summary_run(ray_session, no_
             assert logged[row["epoch"]]["_step"] == row["training_iteration"]
         assert {"train_loss", "val_hr@10", "lr"} <= set(logged[2])
         assert not [k for k in logged[2] if k.startswith("test")]
+        assert read_run_record(run_dir) == {"id": trial_id, "group": "wbsweep", "epochs": [1, 2]}  # flushed
 
     (summary_dir,) = glob.glob(f"{result.experiment}/wandb/offline-run-*-wbsweep-summary")
     summary = read_offline_run(summary_dir)
@@ -125,12 +144,47 @@ def test_offline_sweep_logs_one_run_per_trial_and_a_summary_run(ray_session, no_
     assert {"trial_id", "train.lr", "model.dropout", "best_val_ndcg@10"} <= set(table["columns"])
     assert len(table["data"]) == 2
 
+    _check_runs_cut_short_are_logged_again(result, tmp_path)
+
     import ray
 
     session = ray._private.worker._global_node.get_session_dir_path()
     leaks = [p for p in glob.glob(f"{session}/logs/*") + glob.glob(f"{result.experiment}/**/*", recursive=True)
              if os.path.isfile(p) and FAKE_KEY.encode() in open(p, "rb").read()]
     assert not leaks, leaks
+
+
+def _check_runs_cut_short_are_logged_again(result, tmp_path) -> None:
+    """What a driver killed mid-sweep leaves (its logging actors die with it): one trial without
+    a run (its actor was still starting), another whose run was never flushed (no RUN_RECORD).
+    The driver that completes the sweep logs both again from the history, in their place."""
+    history = result.history
+    runs = {t: glob.glob(f"{result.experiment}/wandb/offline-run-*-{t}")[0] for t in sorted(set(history["trial_id"]))}
+    names = {t: read_offline_run(d)["name"] for t, d in runs.items()}
+    missing, unflushed = sorted(runs)
+    shutil.rmtree(runs[missing])
+    os.remove(os.path.join(runs[unflushed], RUN_RECORD))
+    plan = plan_resume(SweepOptions(name="wbsweep", storage=str(tmp_path / "sweeps"), resume=True, wandb="offline"))
+    assert complete_trial_runs(plan, result, "offline") == [missing, unflushed]
+    for trial_id, group in history.groupby("trial_id"):
+        (run_dir,) = glob.glob(f"{result.experiment}/wandb/offline-run-*-{trial_id}")  # in place of the old one
+        run = read_offline_run(run_dir)
+        assert (run["id"], run["name"], run["group"], run["job_type"]) == (trial_id, names[trial_id], "wbsweep", "trial")
+        assert set(run["tags"]) == {"sasrec", "synthetic", "fifo", "random"}
+        sampled = result.trials.set_index("trial_id").loc[trial_id]
+        assert run["config"]["train.lr"] == pytest.approx(sampled["config/train.lr"])
+        logged = {row["epoch"]: row for row in run["history"] if "epoch" in row}
+        assert sorted(logged) == [1, 2]
+        for _, row in group.iterrows():
+            assert logged[row["epoch"]]["val_ndcg@10"] == pytest.approx(row["val_ndcg@10"])
+            assert logged[row["epoch"]]["_step"] == row["epoch"]
+        assert read_run_record(run_dir)["epochs"] == [1, 2]
+    # A trial run again from scratch after the kill holds every epoch in its new run; what its
+    # killed actor left (here: killed in wandb.init, before the run's log existed) goes.
+    leftover = os.path.join(result.experiment, "wandb", f"offline-run-20000101_000000-{missing}")
+    os.makedirs(os.path.join(leftover, "logs"))
+    assert complete_trial_runs(plan, result, "offline") == []  # complete now: nothing logged again
+    assert not os.path.exists(leftover)
 
 
 @pytest.mark.ray
