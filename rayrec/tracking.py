@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
 from typing import Any
 
-from rayrec.storage import error_line
+from rayrec.storage import error_line, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -531,10 +532,8 @@ TRIAL_RUN_NAME = "train_trial_{}"
 
 def write_run_record(run_dir: str, run_id: str | None, group: str | None, epochs) -> None:
     """Mark a W&B run directory complete: wandb has flushed it, and it holds these epochs."""
-    tmp = os.path.join(run_dir, f".{RUN_RECORD}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"id": run_id, "group": group, "epochs": sorted(int(e) for e in epochs)}, fh)
-    os.replace(tmp, os.path.join(run_dir, RUN_RECORD))
+    record = {"id": run_id, "group": group, "epochs": sorted(int(e) for e in epochs)}
+    write_bytes(os.path.join(run_dir, RUN_RECORD), json.dumps(record).encode())  # atomic rename
 
 
 def read_run_record(run_dir: str) -> dict[str, Any]:
@@ -635,8 +634,6 @@ def _trial_run_spec(trial_id: str, rows, config: dict[str, Any]) -> dict[str, An
 
 
 def _finite_number(v: Any) -> bool:
-    import math
-
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
