@@ -77,11 +77,121 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def wait_for_ray_idle(ray, timeout: float = 180.0) -> None:
-    """Until every CPU of the shared Ray is free again, e.g. after a killed driver's trial workers
-    were reaped, so a resume gets the slots it asks for."""
-    wait_until(lambda: ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0),
-               timeout, "the Ray cluster's CPUs to be free")
+def wait_for_killed_drivers_reaped(ray, cpus: float = 1.0, timeout: float = 90.0) -> None:
+    """Until every other driver of the shared Ray has ended and what it owned is gone (no live
+    actor, no placement group of another job), and `cpus` CPUs are free: a killed driver's
+    trial workers are gone, so a resume neither races them nor waits for slots.
+
+    CPUs held by this process's own jobs (an earlier test's) do not count. Should Ray not have
+    reaped an ended driver's actors and placement groups within `timeout`, they are killed and
+    removed here, with a warning that names them, and the wait starts again."""
+    import warnings
+
+    def reaped() -> bool:
+        return not _other_jobs_leftovers(ray) and ray.available_resources().get("CPU", 0) >= cpus
+
+    try:
+        wait_until(reaped, timeout, "the killed drivers' actors and placement groups to be reaped")
+        return
+    except pytest.fail.Exception:
+        holders = ray_holders(ray)
+    removed = _remove_other_jobs_leftovers(ray)
+    warnings.warn(f"Ray had not reaped ended drivers' leftovers after {timeout:.0f} s; removed {removed}; "
+                  f"the cluster was: {holders}", stacklevel=2)
+    try:
+        wait_until(reaped, timeout, "the killed drivers' leftovers to be gone once removed")
+    except pytest.fail.Exception as failed:
+        raise AssertionError(f"{failed}; what holds the cluster: {ray_holders(ray)}") from None
+
+
+def _other_jobs_leftovers(ray) -> dict[str, list]:
+    """Other jobs' live drivers, live actors (id, pid) and placement groups (hex ids)."""
+    from ray._private import state
+
+    own = ray.get_runtime_context().get_job_id()
+    jobs = {j["JobID"]: j for j in state.jobs() if j["JobID"] != own}
+    left: dict[str, list] = {"drivers": [], "actors": [], "placement groups": []}
+    for job, info in jobs.items():
+        if not info["IsDead"] and _process_alive(int(info.get("DriverPid") or 0)):
+            left["drivers"].append(job)
+    for a in state.actors().values():
+        if a["State"] != "DEAD" and a.get("JobID") in jobs:
+            left["actors"].append((a["ActorID"], a.get("Pid")))
+    for g in ray.util.placement_group_table().values():  # a group's id ends with its job's id
+        if g["state"] != "REMOVED" and g["placement_group_id"][-len(own):] in jobs:
+            left["placement groups"].append(g["placement_group_id"])
+    return {k: v for k, v in left.items() if v}
+
+
+def _remove_other_jobs_leftovers(ray) -> dict[str, list]:
+    import signal
+
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    left = _other_jobs_leftovers(ray)
+    for _, pid in left.get("actors", []):
+        if pid and _process_alive(int(pid)):
+            os.kill(int(pid), signal.SIGKILL)
+    for group in left.get("placement groups", []):
+        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+    return left
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet waited for) counts as ended.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ray_holders(ray) -> str:
+    """What holds the shared Ray's resources: free/total CPUs, live placement groups, live
+    actors and jobs, Ray's worker processes; for a failure message."""
+    import subprocess
+
+    from ray._private import state
+
+    free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+    groups = [(g["placement_group_id"], g["state"], g.get("bundles")) for g in ray.util.placement_group_table().values()
+              if g["state"] != "REMOVED"]
+    actors = [(a["ActorID"][:8], a["State"], a.get("JobID"), a.get("ActorClassName"))
+              for a in state.actors().values() if a["State"] != "DEAD"]
+    jobs = [(j["JobID"], "dead" if j["IsDead"] else "running", j.get("DriverPid")) for j in state.jobs()]
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args"], capture_output=True, text=True).stdout
+    workers = [line.strip()[:120] for line in ps.splitlines() if "ray::" in line]
+    return (f"CPU free {free} of {total}; placement groups {groups}; actors {actors}; jobs {jobs}; "
+            f"worker processes {workers}")
+
+
+@pytest.fixture(autouse=True)
+def _ray_left_idle(request):
+    """After each test on the shared Ray: warn, naming the test and what holds them, if its CPUs
+    are not all free again within 20 s. A leak then surfaces at the test that caused it, not
+    at a later test that waits for a slot."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import time
+    import warnings
+
+    ray = request.getfixturevalue("ray_session")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.2)
+    warnings.warn(f"{request.node.nodeid} left the shared Ray's CPUs held: {ray_holders(ray)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY, failing_trainable, tiny_space, wait_for_ray_idle, wait_until
+from conftest import REPO, TINY, failing_trainable, tiny_space, wait_for_killed_drivers_reaped, wait_until
 from rayrec.config import build_config
 from rayrec.experiment import REPORTS_FILE
 from rayrec.storage import read_parquet
@@ -214,7 +214,7 @@ def test_resume_after_killed_driver_finishes_every_trial_once(ray_session, tmp_p
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert len(finished) >= 2, "no trial finished before the deadline"
-    wait_for_ray_idle(ray_session)
+    wait_for_killed_drivers_reaped(ray_session)
 
     result = run_sweep(SweepOptions(name="killed", storage=str(storage), resume=True, wandb="off", verbose=0,
                                     cpus_per_trial=1, evaluate_test=False, extra_space=hooks),
@@ -281,7 +281,7 @@ def test_resume_reports_checkpointed_epochs_the_killed_driver_never_saw(ray_sess
     )
     driver = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=240)
     assert driver.returncode == -signal.SIGKILL, driver.stderr.decode()[-2000:]
-    wait_for_ray_idle(ray_session)
+    wait_for_killed_drivers_reaped(ray_session)
 
     # Tune's restore wants the same param_space keys; the hook fires only in a from-scratch attempt.
     result = run_sweep(SweepOptions(name="lost", storage=str(storage), resume=True, wandb="off", verbose=0,
@@ -346,7 +346,7 @@ def test_interrupted_sweep_is_exported_as_partial_and_a_complete_one_is_not_resu
     # started are simply absent).
     assert set(trials["status"]) <= {"finished", "interrupted"}
     assert summary["best"]["trial_id"] in set(trials.loc[trials["status"] == "finished", "trial_id"])
-    wait_for_ray_idle(ray_session)
+    wait_for_killed_drivers_reaped(ray_session)
 
     result = run_sweep(SweepOptions(name="cut", storage=str(storage), resume=True, wandb="off", verbose=0,
                                     cpus_per_trial=1, evaluate_test=False))
