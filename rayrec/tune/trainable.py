@@ -330,7 +330,12 @@ def newest_own_state(checkpoint, device, known: list[dict[str, Any]] | None = No
     return None
 
 
-def own_checkpoints(fs, trial_path: str) -> list[tuple[int, int, str]]:
+# How long a (re)starting trial waits for unreachable storage before it gives up looking for
+# its own newer checkpoints there.
+STORAGE_WAIT_S = 60.0
+
+
+def own_checkpoints(fs, trial_path: str, wait_s: float = STORAGE_WAIT_S) -> list[tuple[int, int, str]]:
     """(epoch of its last report, index, path) of every checkpoint directory in a trial's
     storage directory, newest epoch first (the higher index first among equal epochs); a
     directory without readable reports ranks last (epoch -1).
@@ -341,10 +346,7 @@ def own_checkpoints(fs, trial_path: str) -> list[tuple[int, int, str]]:
     the kill (an older epoch's, or one whose upload the kill cut short)."""
     import pyarrow.fs
 
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True))
-    except Exception:  # noqa: BLE001 - storage unreachable: no own checkpoint to prefer
-        return []
+    infos = _list_waiting_out_outages(fs, pyarrow.fs.FileSelector(trial_path, allow_not_found=True), wait_s)
     found = []
     for info in infos:
         index = _checkpoint_index(posixpath.basename(info.path))
@@ -357,6 +359,25 @@ def own_checkpoints(fs, trial_path: str) -> list[tuple[int, int, str]]:
             epoch = -1
         found.append((epoch, index, info.path))
     return sorted(found, reverse=True)
+
+
+def _list_waiting_out_outages(fs, selector, wait_s: float) -> list:
+    """fs.get_file_info(selector), retried with backoff while storage is unreachable.
+
+    A trial that restarts during a storage outage (a retry after the outage failed it) must
+    not conclude that it has no checkpoint of its own and train its epochs again from
+    scratch: it waits up to `wait_s` for storage to answer, then starts without (warned)."""
+    deadline, delay = time.monotonic() + wait_s, 0.5
+    while True:
+        try:
+            return fs.get_file_info(selector)
+        except Exception as e:  # noqa: BLE001 - unreachable storage raises whatever its client raises
+            if time.monotonic() + delay > deadline:
+                log.warning("storage unreachable for %.0f s (%s): the trial starts without its own checkpoints",
+                            wait_s, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                return []
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
 
 
 class LostCheckpointStandIn(tune.Callback):
