@@ -157,10 +157,6 @@ def train(
 
     output = output or default_output(cfg)
     check_writable(output, must_not_exist=True)  # before minutes of preprocessing and training
-    checkpoint = warm_start_checkpoint(init_from, cfg.model_name) if init_from else None
-    split = load_split(cfg.data)
-    check_model_data(cfg.model_name, split)
-    echo(split.summary())
     metric = cfg.train.metric
 
     def on_epoch(trainer, record):
@@ -171,8 +167,16 @@ def train(
             f"lr {record['lr']:.2e}  val {val}  {record['epoch_seconds']:.1f}s{best}"
         )
 
-    result = train_run(cfg, split, output=output, init_from=checkpoint, on_epoch=on_epoch,
-                       progress=progress and sys.stderr.isatty())
+    try:
+        checkpoint = warm_start_checkpoint(init_from, cfg.model_name) if init_from else None
+        split = load_split(cfg.data)
+        check_model_data(cfg.model_name, split)
+        echo(split.summary())
+        result = train_run(cfg, split, output=output, init_from=checkpoint, on_epoch=on_epoch,
+                           progress=progress and sys.stderr.isatty())
+    except KeyboardInterrupt:  # loading, before the first epoch ended, or a second Ctrl-C while testing
+        typer.echo("error: interrupted before a run could be kept; nothing was written", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     fit = result.fit
     if fit.selection == NO_SELECTION:
         echo(f"stopped: {fit.stop_reason} after {fit.epochs_run} epochs; selected: {NO_SELECTION}, "
@@ -182,6 +186,9 @@ def train(
         echo(f"valid (best epoch): {format_metrics(fit.best_metrics, summary_keys(metric), prefix='val_')}")
     echo_tests(result.tests, "test  (once):       ", summary_keys(metric))
     echo(f"run directory: {result.output}")
+    if fit.stop_reason == "interrupted":
+        echo(f"interrupted after {fit.epochs_run} epochs: the run holds them (summary.yaml: stop_reason interrupted)")
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()

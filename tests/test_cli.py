@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -102,3 +103,64 @@ def test_train_without_validation_users_says_it_selected_nothing(tmp_path):
     assert "stopped: finished after 3 epochs; selected: none (no validation users)" in result.output
     assert "valid (best epoch)" not in result.output
     assert "val none" in result.output and "nan" not in result.output  # epoch lines say so, not "recall@20 nan"
+
+
+def _train_until(tmp_path, marker: str, *flags: str):
+    """`rayrec train` in a process of its own, sent Ctrl-C (SIGINT) once its standard output
+    shows `marker`; returns (exit status, standard output, standard error)."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "rayrec", "train", "sasrec", "--output", str(tmp_path / "run"), "--no-progress", *flags]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if marker in line:
+                    proc.send_signal(signal.SIGINT)
+                    break
+            lines += proc.stdout.readlines()
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode, "".join(lines), (tmp_path / "stderr.txt").read_text()
+
+
+def test_ctrl_c_during_train_keeps_a_run_of_the_epochs_that_ended(tmp_path):
+    import pandas as pd
+    import torch
+
+    from rayrec.config import config_from_dict
+    from rayrec.data import load_split
+    from rayrec.train.trainer import Trainer
+
+    code, output, errors = _train_until(tmp_path, "epoch   3/", "--epochs", "500", "--set", "train.patience=500", *TINY)
+    assert code == 130, output + errors
+    assert "interrupted after" in output and "test  (once)" in output and "Traceback" not in errors
+    out = tmp_path / "run"
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.yaml", "metrics.parquet", "summary.yaml"]
+    summary = yaml.safe_load((out / "summary.yaml").read_text())
+    history = pd.read_parquet(out / "metrics.parquet")
+    assert summary["stop_reason"] == "interrupted" and 3 <= summary["epochs_run"] < 500
+    assert list(history["epoch"]) == list(range(1, summary["epochs_run"] + 1))
+    best = history.loc[history["val_ndcg@10"].idxmax()]
+    assert summary["best_epoch"] == best["epoch"] and summary["valid"]["ndcg@10"] == pytest.approx(best["val_ndcg@10"])
+    # The checkpoint holds the best epoch's weights, and they are what test measured once.
+    cfg = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    trainer = Trainer(cfg, load_split(cfg.data), device="cpu")
+    trainer.model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    assert trainer.evaluate("valid")["ndcg@10"] == pytest.approx(best["val_ndcg@10"], abs=1e-6)
+    assert trainer.evaluate("test")["ndcg@10"] == pytest.approx(summary["test"]["ndcg@10"], abs=1e-6)
+
+
+def test_ctrl_c_before_the_first_epoch_ends_writes_nothing(tmp_path):
+    # A first epoch of several seconds: Ctrl-C arrives once the data is loaded, before it ends.
+    code, output, errors = _train_until(tmp_path, "SYNTHETIC dataset", "--set", "data.synthetic_users=40000",
+                                        "--set", "data.synthetic_length=60", "--set", "model.max_len=60")
+    assert code == 130, output + errors
+    assert errors.strip().splitlines() == ["error: interrupted before a run could be kept; nothing was written"]
+    assert not (tmp_path / "run").exists()

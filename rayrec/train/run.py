@@ -138,6 +138,8 @@ def train_run(
     progress: bool = False,
 ) -> RunResult:
     """Train, evaluate the best weights on test once, and publish the run directory.
+    Ctrl-C after the first epoch ends the run there, as a run of the epochs that ended
+    (stop_reason 'interrupted'); before it, KeyboardInterrupt propagates and nothing is written.
     `init_from`: a checkpoint from warm_start_checkpoint, whose weights the model starts from."""
     from rayrec.storage import check_writable, publish_dir, write_parquet, write_yaml
 
@@ -146,7 +148,12 @@ def train_run(
     trainer = Trainer(cfg, data)
     if init_from:
         init_from_checkpoint(trainer, init_from)
-    fit = trainer.fit(on_epoch=on_epoch, progress=progress)
+    try:
+        fit = trainer.fit(on_epoch=on_epoch, progress=progress)
+    except KeyboardInterrupt:
+        if not trainer.history:  # no epoch ended: nothing to keep, nothing written
+            raise
+        fit = trainer.interrupted()  # Ctrl-C: the run of the epochs that ended, tested once
     per_user = cfg.train.save_per_user
     rankings = trainer.test_rankings(per_user=per_user)
     tests = {section: ranking.metrics for section, ranking in rankings.items()}

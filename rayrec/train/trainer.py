@@ -101,7 +101,7 @@ class FitResult:
     best_metrics: dict[str, float]  # validation metrics at the best epoch ('val_' keys)
     last_metrics: dict[str, float]
     epochs_run: int
-    stop_reason: str  # 'early_stopped' | 'finished' | 'stopped'
+    stop_reason: str  # 'early_stopped' | 'finished' | 'stopped' | 'interrupted' (Ctrl-C, Trainer.interrupted)
     # How best_epoch was chosen: 'best val_<metric>', or NO_SELECTION when the data has no
     # validation users (every epoch of the budget trained, best_epoch = the last one, its
     # weights kept, best_metrics empty).
@@ -220,12 +220,22 @@ class Trainer:
         """Early-stopping bookkeeping for the epoch just ended; True when it is the new best.
 
         Without validation users nothing is selected: the latest epoch stands as best_epoch,
-        patience never runs out (the whole budget trains) and fit keeps the final weights.
+        patience never runs out (the whole budget trains) and fit keeps the final weights
+        (as the epoch's "best" state, so that an interrupted fit keeps a whole epoch's).
         """
         if not self.has_validation:
             self.stopper.best_epoch = self.epoch
-            return False
+            return True
         return self.stopper.update(record[f"val_{self.cfg.train.metric}"], self.epoch)
+
+    def interrupted(self) -> FitResult:
+        """End a fit that Ctrl-C cut short (KeyboardInterrupt out of `fit`) as a run of the
+        epochs that ended: their best weights (the last epoch's without validation) are
+        loaded, not the half-trained ones of the epoch it stopped in."""
+        self.stop_reason = "interrupted"
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self._result()
 
     @property
     def epoch_budget(self) -> int:
