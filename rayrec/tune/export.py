@@ -185,26 +185,45 @@ def write_summary(plan: Plan, data, trials, best: dict[str, Any], status: Export
 
 
 def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
-    """The trial's per-epoch frame plus the epochs only its checkpoint still knows.
+    """The trial's per-epoch frame plus the epochs only its checkpoints still know.
 
     Every checkpoint carries the reports of its lineage (trainable.REPORTS_FILE). Ray's
-    result files can miss epochs (a restore that copied back a stale result.json after a
-    storage outage); those rows come back from the latest checkpoint, marked
-    from_checkpoint=1. Only epochs this trial trained itself count, not a PBT donor's.
+    result files can miss epochs: a restore that copied back a stale result.json after a
+    storage outage, or, under synchronous PBT with reused actors, a paused trial whose first
+    epochs never reached its result file. Those rows come back from the latest checkpoint,
+    marked from_checkpoint=1; where epochs 1..N still have gaps (the latest checkpoint is a
+    donor's lineage after a PBT exploit), from the trial's other checkpoints in storage,
+    newest first. Only epochs this trial trained itself count, not a PBT donor's.
     """
+    import posixpath
+
     import pandas as pd
 
-    from rayrec.tune.trainable import checkpoint_reports
+    from rayrec.tune.trainable import checkpoint_reports, own_checkpoints
 
     if checkpoint is None:
         return frame
     known = set(frame["epoch"].dropna().astype(int)) if frame is not None and "epoch" in frame else set()
-    missing = [r for r in checkpoint_reports(checkpoint.filesystem, checkpoint.path)
-               if r.get("trained_by") == trial_id and int(r["epoch"]) not in known]
-    if not missing:
+    recovered: dict[int, dict] = {}
+
+    def take(reports: list[dict]) -> None:
+        for r in reports:
+            epoch = int(r["epoch"])
+            if r.get("trained_by") == trial_id and epoch not in known and epoch not in recovered:
+                recovered[epoch] = r
+
+    fs = checkpoint.filesystem
+    take(checkpoint_reports(fs, checkpoint.path))
+    have = known | set(recovered)
+    if have and have != set(range(1, max(have) + 1)):  # gaps: look in the trial's older checkpoints
+        latest = checkpoint.path.rstrip("/")
+        for _, _, path in own_checkpoints(fs, posixpath.dirname(latest)):
+            if path.rstrip("/") != latest:
+                take(checkpoint_reports(fs, path))
+    if not recovered:
         return frame
-    recovered = pd.DataFrame([{**r, "trial_id": trial_id, "from_checkpoint": 1} for r in missing])
-    merged = pd.concat([f for f in (frame, recovered) if f is not None and len(f)], ignore_index=True)
+    rows = pd.DataFrame([{**r, "trial_id": trial_id, "from_checkpoint": 1} for _, r in sorted(recovered.items())])
+    merged = pd.concat([f for f in (frame, rows) if f is not None and len(f)], ignore_index=True)
     return merged.sort_values("epoch", kind="stable").reset_index(drop=True)
 
 def _clean_history(frame):
