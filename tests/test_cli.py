@@ -113,8 +113,14 @@ def _train_until(tmp_path, marker: str, *flags: str):
     import sys
 
     cmd = [sys.executable, "-m", "rayrec", "train", "sasrec", "--output", str(tmp_path / "run"), "--no-progress", *flags]
+
+    def ctrl_c_acts():
+        # A test run started in the background by a non-interactive shell has SIGINT ignored,
+        # and a Python started with it ignored installs no KeyboardInterrupt handler.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=ctrl_c_acts)
         lines = []
         try:
             for line in proc.stdout:

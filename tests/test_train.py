@@ -92,6 +92,51 @@ def test_trainer_restores_best_weights_and_reports_every_epoch():
     assert all(math.isfinite(r["lr"]) and r["lr"] > 0 for r in fit.history[:-1])
 
 
+def test_an_interrupt_between_an_epochs_selection_and_its_weight_copy_drops_that_epoch():
+    """Ctrl-C can land while a new best epoch's weights are being copied, after the stopper
+    already named it best. The interrupted run keeps the epochs whose bookkeeping completed:
+    the selected epoch is one whose weights it holds, never one whose copy was cut short."""
+    cfg = build_config("sasrec", overrides={"train.epochs": 12, "model.hidden": 16, "model.blocks": 1,
+                                            "model.max_len": 12, "train.lr": 0.01, "train.num_threads": 1,
+                                            "train.patience": 12})
+    trainer = Trainer(cfg, planted())
+    copies = []
+    weights = trainer._weights
+
+    def cut_on_third_copy():
+        if len(copies) == 2:
+            raise KeyboardInterrupt
+        copies.append(trainer.epoch)  # trainer.epoch: the epoch just ended (1-based)
+        return weights()
+
+    trainer._weights = cut_on_third_copy
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    cut_epoch = trainer.epoch
+    assert trainer.stopper.best_epoch == cut_epoch  # the stopper had named it best: the race
+    fit = trainer.interrupted()
+    assert fit.stop_reason == "interrupted"
+    assert fit.best_epoch == copies[-1] and fit.epochs_run == cut_epoch - 1
+    assert [r["epoch"] for r in fit.history] == list(range(1, cut_epoch))
+    best = fit.history[fit.best_epoch - 1]
+    assert fit.best_metrics["val_ndcg@10"] == best["val_ndcg@10"]
+    assert trainer.evaluate("valid")["ndcg@10"] == pytest.approx(best["val_ndcg@10"], abs=1e-6)
+
+
+def test_an_interrupt_before_any_epoch_completed_keeps_nothing():
+    cfg = build_config("sasrec", overrides={"train.epochs": 3, "model.hidden": 16, "model.blocks": 1,
+                                            "model.max_len": 12, "train.num_threads": 1})
+    trainer = Trainer(cfg, planted())
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    trainer._track_best = interrupt  # in the first epoch's bookkeeping, after its validation
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.history and trainer.interrupted() is None
+
+
 RESUME_SCRIPT = """
 import json, sys, torch
 from rayrec.config import build_config

@@ -151,9 +151,9 @@ def train_run(
     try:
         fit = trainer.fit(on_epoch=on_epoch, progress=progress)
     except KeyboardInterrupt:
-        if not trainer.history:  # no epoch ended: nothing to keep, nothing written
-            raise
         fit = trainer.interrupted()  # Ctrl-C: the run of the epochs that ended, tested once
+        if fit is None:  # no epoch ended: nothing to keep, nothing written
+            raise
     per_user = cfg.train.save_per_user
     rankings = trainer.test_rankings(per_user=per_user)
     tests = {section: ranking.metrics for section, ranking in rankings.items()}

@@ -131,6 +131,7 @@ class Trainer:
         self.has_validation = len(data.eval_users("valid")) > 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
+        self._settled: tuple | None = None  # (epoch, best_state, best_epoch, best, len(history)) after each epoch
         self.stop_reason = ""
         self._train_users = self._fixed_train_users()
         self.evaluations: dict[str, int] = {}  # full evaluations run, by split ('test' should stay at 1 per run)
@@ -204,6 +205,9 @@ class Trainer:
             if self._track_best(record):
                 self.best_state = self._weights()
             record["best_epoch"] = self.stopper.best_epoch
+            # The epoch's bookkeeping is complete: what an interrupted fit keeps (`interrupted`).
+            # One assignment, so a Ctrl-C sees all of it or none.
+            self._settled = (self.epoch, self.best_state, self.stopper.best_epoch, self.stopper.best, len(self.history))
             if self.stopper.should_stop:
                 self.stop_reason = "early_stopped"
             elif self.epoch >= self.epoch_budget:
@@ -228,10 +232,16 @@ class Trainer:
             return True
         return self.stopper.update(record[f"val_{self.cfg.train.metric}"], self.epoch)
 
-    def interrupted(self) -> FitResult:
+    def interrupted(self) -> FitResult | None:
         """End a fit that Ctrl-C cut short (KeyboardInterrupt out of `fit`) as a run of the
-        epochs that ended: their best weights (the last epoch's without validation) are
-        loaded, not the half-trained ones of the epoch it stopped in."""
+        epochs whose bookkeeping completed: their best weights (the last epoch's without
+        validation) are loaded, not the half-trained ones of the epoch it stopped in, and an
+        epoch cut short between its validation and its selection is dropped. None when no
+        epoch of this fit completed."""
+        if self._settled is None:
+            return None
+        self.epoch, self.best_state, self.stopper.best_epoch, self.stopper.best, n = self._settled
+        del self.history[n:]
         self.stop_reason = "interrupted"
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
