@@ -176,19 +176,22 @@ def ray_holders(ray) -> str:
 
 @pytest.fixture(autouse=True)
 def _ray_left_idle(request):
-    """After each test on the shared Ray: warn, naming the test and what holds them, if its CPUs
-    are not all free again within 20 s. A leak then surfaces at the test that caused it, not
-    at a later test that waits for a slot."""
-    yield
-    if "ray_session" not in request.fixturenames:
-        return
+    """After each test on the shared Ray: warn, naming the test and what holds them, if it
+    left fewer CPUs free than it found (waiting up to 20 s for them). A leak then surfaces at
+    the test that caused it, not at a later test that waits for a slot; tests after it do not
+    wait for CPUs that were already held when they started."""
     import time
     import warnings
 
-    ray = request.getfixturevalue("ray_session")
+    uses_ray = "ray_session" in request.fixturenames
+    ray = request.getfixturevalue("ray_session") if uses_ray else None
+    before = ray.available_resources().get("CPU", 0) if ray is not None else 0
+    yield
+    if ray is None:
+        return
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+        if ray.available_resources().get("CPU", 0) >= before:
             return
         time.sleep(0.2)
     warnings.warn(f"{request.node.nodeid} left the shared Ray's CPUs held: {ray_holders(ray)}", stacklevel=1)
