@@ -84,6 +84,7 @@ class Campaign:
     final_timeout_s: float = 1200.0
     early_kill_p: float = 0.25  # share of fault-free runs whose driver dies while it starts or restores
     kill_window_s: tuple[float, float] = (1.0, 12.0)  # the kill, this long after the run's faults
+    poll_s: float = 2.0  # how often the ledger reads the checkpoints (a kill "after a checkpoint" waits on it)
 
 
 # --- the campaign ---------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def run_campaign(c: Campaign) -> dict[str, Any]:
         import yaml
 
         space.write_text(yaml.safe_dump(SPACE))
-        ledger = Ledger(storage, c.name)
+        ledger = Ledger(storage, c.name, interval=c.poll_s)
         ledger.start()
         plan = _plan_faults(c, rng, can_lose_nodes=cluster is not None, can_stop_storage=server is not None)
         faults = {"driver_kill": 0, "node_loss": 0, "trial_kill": 0, "storage_outage": 0}
