@@ -227,6 +227,7 @@ def _callback_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._failed = False
+            self._numbered: dict = {}  # trial -> items handed to its current logging actor
 
         def setup(self, *args, **kwargs):
             # Ray's setup checks for an API key even offline unless WANDB_MODE is set in the
@@ -235,10 +236,10 @@ def _callback_class():
 
         def _put(self, trial, item, wait: bool) -> None:
             """Hand `item` to the trial's logging actor, numbered for `_InOrder`; without waiting
-            unless `wait`. The count lives on the queue: a trial's new queue starts at 0."""
+            unless `wait`. A trial's new logging actor counts from 0 (_start_logging_actor)."""
             queue = self._trial_queues[trial]
-            number = getattr(queue, "_rayrec_items", 0)
-            queue._rayrec_items = number + 1
+            number = self._numbered.get(trial, 0)
+            self._numbered[trial] = number + 1
             if wait:
                 queue.put((number, item))
             else:
@@ -261,7 +262,12 @@ def _callback_class():
                 )(self._logger_actor_cls)
             if self.kwargs.get("mode") == "online" and os.environ.get("WANDB_API_KEY"):
                 wandb_init_kwargs["_rayrec_api_key"] = os.environ["WANDB_API_KEY"]
+            self._numbered[trial] = 0
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+        def _cleanup_logging_actor(self, trial):
+            self._numbered.pop(trial, None)
+            super()._cleanup_logging_actor(trial)
 
         def _guarded(self, method: str, *args, **kwargs):
             if self._failed:

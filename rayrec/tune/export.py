@@ -199,7 +199,7 @@ def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
 
     import pandas as pd
 
-    from rayrec.tune.trainable import checkpoint_reports, own_checkpoints
+    from rayrec.tune.trainable import checkpoint_reports, own_checkpoints_with_reports
 
     if checkpoint is None:
         return frame
@@ -217,9 +217,9 @@ def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
     have = known | set(recovered)
     if have and have != set(range(1, max(have) + 1)):  # gaps: look in the trial's older checkpoints
         latest = checkpoint.path.rstrip("/")
-        for _, _, path in own_checkpoints(fs, posixpath.dirname(latest)):
+        for _, _, path, reports in own_checkpoints_with_reports(fs, posixpath.dirname(latest)):
             if path.rstrip("/") != latest:
-                take(checkpoint_reports(fs, path))
+                take(reports)
     if not recovered:
         return frame
     rows = pd.DataFrame([{**r, "trial_id": trial_id, "from_checkpoint": 1} for _, r in sorted(recovered.items())])

@@ -344,6 +344,12 @@ def own_checkpoints(fs, trial_path: str, wait_s: float = STORAGE_WAIT_S) -> list
     experiment snapshot's count, so after a driver was killed and the sweep resumed, the
     trial's new checkpoints reuse indices and can stay below a stale directory written before
     the kill (an older epoch's, or one whose upload the kill cut short)."""
+    return [(epoch, index, path) for epoch, index, path, _ in own_checkpoints_with_reports(fs, trial_path, wait_s)]
+
+
+def own_checkpoints_with_reports(fs, trial_path: str,
+                                 wait_s: float = STORAGE_WAIT_S) -> list[tuple[int, int, str, list[dict]]]:
+    """own_checkpoints, each with the reports it was ranked by (read once)."""
     import pyarrow.fs
 
     infos = _list_waiting_out_outages(fs, pyarrow.fs.FileSelector(trial_path, allow_not_found=True), wait_s)
@@ -357,8 +363,8 @@ def own_checkpoints(fs, trial_path: str, wait_s: float = STORAGE_WAIT_S) -> list
             epoch = int(reports[-1]["epoch"]) if reports else -1
         except (KeyError, TypeError, ValueError):
             epoch = -1
-        found.append((epoch, index, info.path))
-    return sorted(found, reverse=True)
+        found.append((epoch, index, info.path, reports))
+    return sorted(found, key=lambda f: f[:3], reverse=True)
 
 
 def _list_waiting_out_outages(fs, selector, wait_s: float) -> list:
