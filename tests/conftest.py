@@ -230,8 +230,9 @@ def train_trial(config, **kwargs):
     trial, and always before the report (and checkpoint) of their epoch reaches Tune:
 
     - `_fail_at_epoch`: the trial raises (a retry starts from the previous checkpoint);
-    - `_kill_driver_at_epoch` with `_driver_pid`: SIGKILL the driver, after which the trial
-      still writes that epoch's checkpoint to storage, which the driver never records;
+    - `_kill_driver_at_epoch` with `_driver_pid`: that epoch's checkpoint is written to
+      storage, then the driver is SIGKILLed before the result is handed to it, so the driver
+      never records it;
     - `_barrier` = "DIR:N": before its first report the trial waits (up to 60 s, else it
       raises) until N trials have reached that point, so that N trials provably ran at once;
     - `_epoch_pause_s`: the trial sleeps that long before each report (every attempt), so
@@ -272,8 +273,26 @@ def train_trial(config, **kwargs):
         if metrics.get("epoch") == fail_at:
             raise RuntimeError(f"injected failure at epoch {fail_at} (test hook)")
         if kill_at and metrics.get("epoch") == kill_at:
-            os.kill(driver_pid, signal.SIGKILL)
+            kill_driver_once_persisted()
         return report(metrics, *args, **kw)
+
+    def kill_driver_once_persisted():
+        # Ray's report writes the checkpoint to storage, then queues the result for the driver.
+        # Between the two the driver dies; the trial waits for its actor to be reaped with it.
+        # (Killing the driver first raced the upload: on a loaded machine Ray reaped the trial
+        # before its checkpoint reached storage.)
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        persist = storage.persist_current_checkpoint
+
+        def persist_then_kill(checkpoint):
+            persist(checkpoint)
+            os.kill(driver_pid, signal.SIGKILL)
+            time.sleep(600)  # never returns: the result must not reach Tune
+            raise RuntimeError("the trial outlived its killed driver by 600 s (test hook)")
+
+        storage.persist_current_checkpoint = persist_then_kill
 
     tune.report = hooked_report  # the trainable calls tune.report at call time
     try:
