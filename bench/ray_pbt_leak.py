@@ -3,6 +3,7 @@ CPUs counted as in use after it ended? (`bench/pbt_cpu_accounting.py` saw it thr
 
     .venv/bin/python bench/ray_pbt_leak.py --sweeps 6
     .venv/bin/python bench/ray_pbt_leak.py --sweeps 6 --no-reuse
+    .venv/bin/python bench/ray_pbt_leak.py --sweeps 6 --scheduler pbt-async      # or fifo (--trials 16 to reuse)
 
 A plain Tune function trainable (a sleep per iteration, a checkpoint each, restore from the
 checkpoint PBT hands it), 4 trials at 0.5 CPU on a local Ray of 4 logical CPUs: the shape of
@@ -49,30 +50,35 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--step-s", type=float, default=0.3, help="seconds per iteration")
     p.add_argument("--no-reuse", action="store_true", help="reuse_actors off")
+    p.add_argument("--scheduler", choices=["pbt", "pbt-async", "fifo"], default="pbt",
+                   help="synchronous PBT (the case seen), asynchronous PBT, or no scheduler")
     p.add_argument("--settle-s", type=float, default=30.0)
     args = p.parse_args()
     print_machine("Ray alone: CPUs counted after synchronous PBT sweeps")
 
     import ray
     from ray import tune
+    from ray._private import state
     from ray.tune.schedulers import PopulationBasedTraining
-    from ray.util.state import list_actors
 
     print(f"ray {ray.__version__}; reuse_actors={not args.no_reuse}; {args.trials} trials x 0.5 CPU; "
-          f"{args.steps} steps of {args.step_s} s; PBT synch, every 2 steps", flush=True)
+          f"{args.steps} steps of {args.step_s} s; scheduler {args.scheduler} (PBT every 2 steps)", flush=True)
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     leaks = 0
     for i in range(args.sweeps):
         storage = tempfile.mkdtemp(prefix="ray-pbt-leak-")
-        pbt = PopulationBasedTraining(time_attr="training_iteration", metric="score", mode="max",
-                                      perturbation_interval=2, quantile_fraction=0.25, synch=True, seed=i,
-                                      hyperparam_mutations={"lr": tune.loguniform(1e-4, 1e-1)})
+        scheduler = None
+        if args.scheduler != "fifo":
+            scheduler = PopulationBasedTraining(time_attr="training_iteration", metric="score", mode="max",
+                                                perturbation_interval=2, quantile_fraction=0.25,
+                                                synch=args.scheduler == "pbt",
+                                                hyperparam_mutations={"lr": tune.loguniform(1e-4, 1e-1)})
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 0.5}),
             param_space={"lr": tune.loguniform(1e-4, 1e-1), "steps": args.steps, "step_s": args.step_s},
-            tune_config=tune.TuneConfig(scheduler=pbt, num_samples=args.trials, reuse_actors=not args.no_reuse),
-            run_config=tune.RunConfig(name=f"pbt{i}", storage_path=storage, verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            tune_config=tune.TuneConfig(scheduler=scheduler, metric=None if scheduler else "score",
+                                        mode=None if scheduler else "max", num_samples=args.trials, reuse_actors=not args.no_reuse),
+            run_config=tune.RunConfig(name=f"pbt{i}", storage_path=storage, verbose=0),
         )
         start = time.perf_counter()
         grid = tuner.fit()
@@ -83,7 +89,7 @@ def main() -> None:
             time.sleep(0.5)
         free = ray.available_resources().get("CPU", 0)
         groups = sum(g["state"] != "REMOVED" for g in ray.util.placement_group_table().values())
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")])]
+        alive = [a for a in state.actors().values() if a["State"] != "DEAD"]
         leaks += free < 4
         print(f"sweep {i + 1}: {seconds:5.1f} s, {len(grid)} trials ({errors} errors); CPU free after "
               f"{args.settle_s:.0f} s: {free:.1f} of 4; placement groups not removed {groups}; "
