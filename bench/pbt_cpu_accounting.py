@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from machine import load_average, print_machine  # noqa: E402
+from ray_pbt_leak import settled_cluster  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,6 @@ def main() -> None:
     print_machine("Ray's CPU accounting after PBT sweeps")
 
     import ray
-    from ray._private import state
 
     import rayrec.tune.sweep as sweep_module
     from conftest import TINY, tiny_space
@@ -54,13 +54,9 @@ def main() -> None:
             space=space, name="pbt", search="random", scheduler="pbt", num_samples=args.trials, max_epochs=6,
             perturbation_interval=2, quantile_fraction=0.25, pbt_synch=True, seed=1 + i))
         seconds = time.perf_counter() - start
-        deadline = time.monotonic() + args.settle_s
-        while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 4:
-            time.sleep(0.5)
-        groups = sum(g["state"] != "REMOVED" for g in ray.util.placement_group_table().values())
-        actors = sum(a["State"] != "DEAD" for a in state.actors().values())
+        free, groups, actors = settled_cluster(ray, 4, args.settle_s)
         print(f"sweep {i + 1}: {seconds:5.1f} s; reuse {not args.no_reuse}; CPU free after {args.settle_s:.0f} s: "
-              f"{ray.available_resources().get('CPU', 0)} of 4; live placement groups {groups}, live actors {actors}; "
+              f"{free} of 4; live placement groups {groups}, live actors {actors}; "
               f"load {load_average()}", flush=True)
 
 

@@ -25,6 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import load_average, print_machine  # noqa: E402
 
 
+def settled_cluster(ray, cpus: float, settle_s: float) -> tuple[float, int, int]:
+    """After up to `settle_s` for `cpus` CPUs to be free: (CPUs free, placement groups not
+    removed, actors alive)."""
+    from ray._private import state
+
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < cpus:
+        time.sleep(0.5)
+    groups = sum(g["state"] != "REMOVED" for g in ray.util.placement_group_table().values())
+    actors = sum(a["State"] != "DEAD" for a in state.actors().values())
+    return ray.available_resources().get("CPU", 0), groups, actors
+
+
 def trainable(config):
     import json
 
@@ -58,7 +71,6 @@ def main() -> None:
 
     import ray
     from ray import tune
-    from ray._private import state
     from ray.tune.schedulers import PopulationBasedTraining
 
     print(f"ray {ray.__version__}; reuse_actors={not args.no_reuse}; {args.trials} trials x 0.5 CPU; "
@@ -84,16 +96,11 @@ def main() -> None:
         grid = tuner.fit()
         seconds = time.perf_counter() - start
         errors = sum(r.error is not None for r in grid)
-        deadline = time.monotonic() + args.settle_s
-        while time.monotonic() < deadline and ray.available_resources().get("CPU", 0) < 4:
-            time.sleep(0.5)
-        free = ray.available_resources().get("CPU", 0)
-        groups = sum(g["state"] != "REMOVED" for g in ray.util.placement_group_table().values())
-        alive = [a for a in state.actors().values() if a["State"] != "DEAD"]
+        free, groups, actors = settled_cluster(ray, 4, args.settle_s)
         leaks += free < 4
         print(f"sweep {i + 1}: {seconds:5.1f} s, {len(grid)} trials ({errors} errors); CPU free after "
               f"{args.settle_s:.0f} s: {free:.1f} of 4; placement groups not removed {groups}; "
-              f"live actors {len(alive)}; load {load_average()}", flush=True)
+              f"live actors {actors}; load {load_average()}", flush=True)
     print(f"{leaks} of {args.sweeps} sweeps left CPUs counted as used", flush=True)
 
 

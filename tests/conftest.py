@@ -180,7 +180,6 @@ def _ray_left_idle(request):
     left fewer CPUs free than it found (waiting up to 20 s for them). A leak then surfaces at
     the test that caused it, not at a later test that waits for a slot; tests after it do not
     wait for CPUs that were already held when they started."""
-    import time
     import warnings
 
     uses_ray = "ray_session" in request.fixturenames
@@ -189,11 +188,11 @@ def _ray_left_idle(request):
     yield
     if ray is None:
         return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0) >= before:
-            return
-        time.sleep(0.2)
+    try:
+        wait_until(lambda: ray.available_resources().get("CPU", 0) >= before, 20, "the CPUs the test found free")
+        return
+    except pytest.fail.Exception:
+        pass
     warnings.warn(f"{request.node.nodeid} left the shared Ray's CPUs held: {ray_holders(ray)}", stacklevel=1)
 
 

@@ -216,10 +216,8 @@ def _with_checkpoint_reports(frame, checkpoint, trial_id: str):
     take(checkpoint_reports(fs, checkpoint.path))
     have = known | set(recovered)
     if have and have != set(range(1, max(have) + 1)):  # gaps: look in the trial's older checkpoints
-        latest = checkpoint.path.rstrip("/")
-        for _, _, path, reports in own_checkpoints_with_reports(fs, posixpath.dirname(latest)):
-            if path.rstrip("/") != latest:
-                take(reports)
+        for *_, reports in own_checkpoints_with_reports(fs, posixpath.dirname(checkpoint.path.rstrip("/"))):
+            take(reports)  # the latest's epochs were taken already
     if not recovered:
         return frame
     rows = pd.DataFrame([{**r, "trial_id": trial_id, "from_checkpoint": 1} for _, r in sorted(recovered.items())])
